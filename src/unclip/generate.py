@@ -1,0 +1,128 @@
+"""Plain-torch sampling for each stage, shared by the systems' validation and by UnCLIPPipeline.
+
+    sample_image_embeds  prior: caption encodings -> CLIP image embeddings, best of N candidates by the
+                         dot product with the text embedding (Ramesh et al. 2022, sec. 2.2)
+    sample_images        decoder / upsampler: conditioning -> images in [-1, 1], classifier-free guided
+    upsampler_cond       the low-resolution conditioning an upsampler sees at inference
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from unclip.diffusion.embed_norm import EmbedNormalizer
+from unclip.diffusion.gaussian import GaussianDiffusion
+from unclip.diffusion.sampling import guided_denoiser, make_generators, sample_loop
+
+__all__ = ["SamplerConfig", "sample_image_embeds", "sample_images", "PRIOR_DROP", "DECODER_DROP", "rerank"]
+
+PRIOR_DROP = ("cond_drop_mask",)
+DECODER_DROP = ("image_embed_drop_mask", "text_drop_mask")
+
+
+@dataclass
+class SamplerConfig:
+    """How one stage is sampled. Keys match `conf/sampler/*.yaml` and the pipeline's per-stage options.
+
+    name: scheduler ("ddim", "ddpm", "dpmpp", "unipc" or "diffusers.<Class>"); num_steps: scheduler steps;
+    eta: DDIM noise (0 = deterministic); cond_scale: classifier-free guidance scale (1 = no guidance);
+    thresholding: x_0 thresholding for images ("none", "static", "dynamic").
+    """
+
+    name: str = "ddim"
+    num_steps: int = 64
+    eta: float = 0.0
+    cond_scale: float = 1.0
+    thresholding: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, value: SamplerConfig | dict[str, Any] | None, **defaults: Any) -> SamplerConfig:
+        if isinstance(value, SamplerConfig):
+            return value
+        merged = {**defaults, **{k: v for k, v in dict(value or {}).items() if v is not None}}
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def scheduler(self, diffusion: GaussianDiffusion):
+        return diffusion.make_scheduler(self.name, thresholding=self.thresholding, **self.extra)
+
+
+def rerank(candidates: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+    """Keep, per caption, the candidate with the highest dot product with the text embedding.
+
+    candidates (B, N, D) unit vectors, text_embed (B, D) -> (B, D).
+    """
+    scores = torch.einsum("bnd,bd->bn", candidates, F.normalize(text_embed.float(), dim=-1))
+    best = scores.argmax(dim=1)  # (B,)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
+
+
+@torch.no_grad()
+def sample_image_embeds(
+    net: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    normalizer: EmbedNormalizer,
+    text_embed: torch.Tensor,
+    text_tokens: torch.Tensor,
+    text_mask: torch.Tensor,
+    sampler: SamplerConfig,
+    num_candidates: int = 2,
+    seeds: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Prior sampling: (B, D) text embeds, (B, L, W) tokens, (B, L) mask -> (B, D) unit image embeddings.
+
+    Each caption gets `num_candidates` samples (its seed's generator draws them in turn); the one with the
+    highest dot product with the caption's text embedding is kept.
+    """
+    b, n = text_embed.shape[0], max(1, int(num_candidates))
+    device = text_embed.device
+    cond = {
+        "text_embed": F.normalize(text_embed.float(), dim=-1).repeat_interleave(n, 0),
+        "text_tokens": text_tokens.float().repeat_interleave(n, 0),
+        "text_mask": text_mask.repeat_interleave(n, 0),
+    }
+    gens = None
+    if seeds is not None:
+        per_caption = make_generators(seeds, device)
+        gens = [g for g in per_caption for _ in range(n)]
+    denoise = guided_denoiser(net, cond, PRIOR_DROP, sampler.cond_scale)
+    x0 = sample_loop(denoise, (b * n, normalizer.embed_dim), sampler.scheduler(diffusion), sampler.num_steps,
+                     generator=gens if gens is not None else generator, device=device, eta=sampler.eta,
+                     progress=progress, desc="prior")
+    candidates = normalizer.decode(x0).view(b, n, -1)
+    return rerank(candidates, text_embed)
+
+
+@torch.no_grad()
+def sample_images(
+    net: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    cond: dict[str, Any],
+    shape: Sequence[int],
+    sampler: SamplerConfig,
+    drop_mask_names: Sequence[str] = DECODER_DROP,
+    seeds: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    x_T: torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "decoder",
+) -> torch.Tensor:
+    """Decoder / upsampler sampling: conditioning tensors -> images (B, C, H, W) clamped to [-1, 1]."""
+    device = next(iter(v for v in cond.values() if isinstance(v, torch.Tensor))).device if cond else "cpu"
+    if x_T is not None:
+        device = x_T.device
+    gens = make_generators(seeds, device) if seeds is not None else generator
+    denoise = guided_denoiser(net, cond, drop_mask_names, sampler.cond_scale)
+    x = sample_loop(denoise, shape, sampler.scheduler(diffusion), sampler.num_steps, generator=gens,
+                    device=device, x_T=x_T, eta=sampler.eta, progress=progress, desc=desc)
+    return x.clamp(-1, 1)

@@ -1,0 +1,208 @@
+"""What every stage's LightningModule shares: frozen CLIP, conditioning, optimiser, clipping, checkpoints.
+
+A stage system joins data, the frozen CLIP encoder, a net and the diffusion math. The CLIP encoder is held
+*outside* the module tree: it is not in the state dict, the optimizer, DDP's buckets or the EMA copy; the
+checkpoint records its identity instead (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unclip
+from unclip.clip.encoder import ClipEncoder
+
+__all__ = ["StageSystem", "FrozenRef", "plain"]
+
+
+class FrozenRef:
+    """Holds a module without registering it; shared (never deep-copied) by the EMA copy of the system."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+
+    def __deepcopy__(self, memo: dict) -> FrozenRef:
+        return self
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (checkpoints must load with weights_only=True)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class StageSystem(pl.LightningModule):
+    """Base of the prior, decoder and upsampler systems.
+
+    Args:
+        clip: the frozen CLIP encoder (None for stages that never need it, e.g. upsamplers).
+        optimizer: a partial of the optimizer class taking the parameter groups (Hydra `_partial_`).
+        warmup_steps: linear warm-up from ~0 to the base learning rate.
+        lr_decay: "cosine" (to `min_lr_ratio` of the base rate at the last step) or "constant".
+        min_lr_ratio: the final learning rate as a fraction of the base one.
+        compile: wrap the net's forward in torch.compile.
+    """
+
+    stage: str = ""
+
+    def __init__(
+        self,
+        clip: ClipEncoder | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        warmup_steps: int = 1000,
+        lr_decay: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
+        if clip is not None and clip.trainable:
+            raise ValueError("stage systems use a frozen CLIP encoder: build it with trainable=False")
+        self._clip = FrozenRef(clip)
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
+        self.warmup_steps = warmup_steps
+        self.lr_decay = lr_decay
+        self.min_lr_ratio = min_lr_ratio
+        self.compile_net = compile
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float32), persistent=False)
+
+    # ------------------------------------------------------------------ frozen CLIP
+    @property
+    def clip(self) -> ClipEncoder:
+        if self._clip.module is None:
+            raise RuntimeError(f"the {self.stage} system was built without a CLIP encoder")
+        return self._clip.module
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves/casts the frozen CLIP along with the system although it is not a registered submodule."""
+        super()._apply(fn, *args, **kwargs)
+        if self._clip.module is not None:
+            self._clip.module._apply(fn)
+        return self
+
+    def clip_features(self, batch: dict[str, Any], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The CLIP fields `names` for a batch: precomputed ones from the batch, the rest from the frozen CLIP.
+
+        image_embed is computed from `clip_image` when the data layer provides it (a full-resolution view),
+        else from `image`. Precomputed fp16 fields are cast to float32.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name in batch:
+                value = batch[name]
+                out[name] = value if value.dtype == torch.bool else value.float()
+        missing_text = [n for n in ("text_embed", "text_tokens", "text_mask") if n in names and n not in out]
+        if missing_text:
+            encoded = self.clip.encode_text(batch["caption"])
+            out.update({n: encoded[n].float() if n != "text_mask" else encoded[n] for n in missing_text})
+        if "image_embed" in names and "image_embed" not in out:
+            out["image_embed"] = self.clip.encode_image(batch.get("clip_image", batch.get("image"))).float()
+        return out
+
+    # ------------------------------------------------------------------ nets
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.compile_net and hasattr(self, "net"):
+            self.net.compile()
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: no weight decay on biases, norms, embeddings and learned null/positional vectors."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = p.ndim < 2 or any(k in name for k in ("norm", "embedding", "null_", "pos_emb", "query"))
+            (no_decay if exempt else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        factory = self.optimizer_factory
+        weight_decay = factory.keywords.get("weight_decay", 0.0) if isinstance(factory, functools.partial) else 0.0
+        optimizer = factory(self.parameter_groups(weight_decay))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+        scheduler = warmup_cosine(optimizer, self.warmup_steps, total, self.lr_decay, self.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm, log it, and skip the update on a non-finite gradient, all without a host sync.
+
+        The fused AdamW kernel reads `optimizer.found_inf` on the device and leaves weights, moments and its
+        step count untouched when it is 1 (the mechanism AMP grad scaling uses). Other optimizers get zeroed
+        gradients instead.
+        """
+        if "fsdp" in type(self.trainer.strategy).__name__.lower():  # sharded grads: Lightning's own clipping
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        max_norm = float(gradient_clip_val) if gradient_clip_val else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        found_inf = (~torch.isfinite(norm)).float()
+        self.nonfinite_steps += found_inf
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = found_inf
+        else:
+            keep = 1.0 - found_inf
+            torch._foreach_mul_([p.grad for p in params], keep)
+            torch._foreach_nan_to_num_([p.grad for p in params], 0.0, 0.0, 0.0)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/nonfinite_steps", self.nonfinite_steps, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def stage_metadata(self) -> dict[str, Any]:
+        """What a checkpoint needs to be used without this code's config: see unclip.checkpoint."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = {"stage": self.stage, "version": unclip.__version__, **plain(self.stage_metadata())}
+        checkpoint["unclip"] = meta
+
+    def net_metadata(self) -> dict[str, Any]:
+        net = self.net
+        net = getattr(net, "_orig_mod", net)
+        return {"class": f"{type(net).__module__}.{type(net).__qualname__}", "config": plain(net.config)}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=-1)
+
+    def drop_mask(self, batch_size: int, prob: float) -> torch.Tensor:
+        """(B,) bool, True with probability `prob`: the sample's conditioning is dropped (guidance training)."""
+        return torch.rand(batch_size, device=self.device) < prob
+
+    def meta_copy(self) -> nn.Module:
+        return copy.deepcopy(self.net).to("meta")
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):
+    """Linear warm-up then cosine decay to min_lr_ratio (torch's LinearLR + CosineAnnealingLR in sequence)."""
+    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+
+    warmup_steps = max(0, int(warmup_steps))
+    rest = max(1, total_steps - warmup_steps) if total_steps > 0 else 1
+    if decay == "cosine" and total_steps > 0:
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+        after = CosineAnnealingLR(optimizer, T_max=rest, eta_min=min(base_lrs) * min_lr_ratio)
+    else:
+        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup_steps == 0:
+        return after
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])

@@ -1,0 +1,174 @@
+"""Diffusion math: forward process, targets, losses, samplers, guidance and inversion (plain tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unclip.diffusion.embed_norm import EmbedNormalizer
+from unclip.diffusion.gaussian import GaussianDiffusion
+from unclip.diffusion.sampling import ddim_invert, guided_denoiser, make_scheduler, sample_loop
+from unclip.generate import SamplerConfig, rerank
+
+
+def oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
+    """A perfect denoiser for a single known data point: returns the exact target at every (x_t, t)."""
+
+    def net(x, t):
+        a = diffusion.sqrt_alphas_cumprod[t].view(-1, *[1] * (x.ndim - 1))
+        s = diffusion.sqrt_one_minus_alphas_cumprod[t].view(-1, *[1] * (x.ndim - 1))
+        eps = (x - a * x0) / s
+        return {"epsilon": eps, "sample": x0.expand_as(x), "v_prediction": a * eps - s * x0}[diffusion.prediction_type]
+
+    return net
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_targets_and_x0_roundtrip(prediction_type):
+    d = GaussianDiffusion(prediction_type=prediction_type)
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    x_t = d.q_sample(x0, t, noise)
+    recovered = d.predict_x0(x_t, t, d.target(x0, noise, t))
+    assert torch.allclose(recovered[:5], x0[:5], atol=1e-3)  # t=999 divides by sqrt(alpha_bar) ~ 6e-3
+
+
+def test_schedules_match_diffusers_and_are_monotone():
+    cos = GaussianDiffusion(beta_schedule="squaredcos_cap_v2")
+    lin = GaussianDiffusion(beta_schedule="linear")
+    for d in (cos, lin):
+        ac = d.alphas_cumprod
+        assert ac.shape == (1000,) and (ac[1:] < ac[:-1]).all() and ac[0] > 0.99 and ac[-1] < 0.01
+        sched = d.make_scheduler("ddim")
+        assert torch.allclose(sched.alphas_cumprod.float(), ac, atol=1e-6)
+    assert not torch.allclose(cos.alphas_cumprod, lin.alphas_cumprod)
+
+
+def test_min_snr_weights():
+    t = torch.tensor([0, 500, 999])
+    for pt in ("epsilon", "v_prediction", "sample"):
+        d = GaussianDiffusion(prediction_type=pt, loss_weighting="min_snr", min_snr_gamma=5.0)
+        w = d.loss_weight(t)
+        assert torch.isfinite(w).all() and (w > 0).all()
+    eps = GaussianDiffusion(prediction_type="epsilon", loss_weighting="min_snr").loss_weight(t)
+    assert eps[0] < 0.01 and eps[2] == pytest.approx(1.0)  # high SNR down-weighted, low SNR untouched
+    assert torch.equal(GaussianDiffusion().loss_weight(t), torch.ones(3))
+
+
+def test_training_loss_is_zero_for_the_oracle_and_positive_otherwise():
+    d = GaussianDiffusion(prediction_type="v_prediction")
+    x0 = torch.randn(1, 2, 4, 4).expand(8, -1, -1, -1)
+    loss = d.training_losses(oracle(d, x0[:1]), x0)["loss"]
+    assert loss.shape == (8,) and loss.max() < 1e-6
+    zero_net = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    assert d.training_losses(zero_net, x0)["loss"].min() > 0
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp", "unipc", "diffusers.DEISMultistepScheduler"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_samplers_reach_the_data_point_with_a_perfect_denoiser(name, prediction_type):
+    d = GaussianDiffusion(prediction_type=prediction_type)
+    x0 = torch.randn(1, 3, 4, 4).clamp(-1, 1)
+    out = sample_loop(oracle(d, x0), (2, 3, 4, 4), make_scheduler(name, **_sched(d)), 20,
+                      generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 4, 4)
+    assert (out - x0).abs().max() < 3e-2  # multistep solvers end on a low-order step
+
+
+def _sched(d: GaussianDiffusion) -> dict:
+    return {"num_train_timesteps": 1000, "beta_schedule": d.beta_schedule, "prediction_type": d.prediction_type}
+
+
+def test_unknown_sampler_and_option_are_clear_errors():
+    d = GaussianDiffusion()
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun9000", **_sched(d))
+    with pytest.raises(ValueError, match="no option"):
+        make_scheduler("ddim", **_sched(d), solver_order=3)
+
+
+def test_thresholding_keeps_images_in_range():
+    d = GaussianDiffusion(prediction_type="sample")
+    wild = lambda x, t: torch.full_like(x, 5.0)  # noqa: E731  (predicts x0 far outside [-1, 1])
+    for mode in ("static", "dynamic"):
+        sched = d.make_scheduler("ddim", thresholding=mode)
+        out = sample_loop(wild, (2, 3, 4, 4), sched, 10, generator=torch.Generator().manual_seed(0))
+        assert out.abs().max() <= (1.0 if mode == "static" else 3.0) + 1e-5
+
+
+def test_ddim_is_deterministic_and_seeded_samplers_repeat():
+    d = GaussianDiffusion()
+    net = lambda x, t: 0.1 * x  # noqa: E731
+    runs = [sample_loop(net, (2, 3, 4, 4), d.make_scheduler("ddim"), 10, generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
+    assert torch.equal(*runs)
+    other = sample_loop(net, (2, 3, 4, 4), d.make_scheduler("ddim"), 10, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(runs[0], other)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
+    ddpm = [sample_loop(net, (2, 3, 4, 4), d.make_scheduler("ddpm"), 10, generator=gens()) for _ in range(2)]
+    assert torch.equal(*ddpm)
+
+
+def test_per_sample_seeds_do_not_depend_on_the_batch():
+    d = GaussianDiffusion()
+    net = lambda x, t: 0.1 * x  # noqa: E731
+    alone = sample_loop(net, (1, 3, 4, 4), d.make_scheduler("ddim"), 5, generator=[torch.Generator().manual_seed(7)])
+    both = sample_loop(net, (2, 3, 4, 4), d.make_scheduler("ddim"), 5,
+                       generator=[torch.Generator().manual_seed(9), torch.Generator().manual_seed(7)])
+    assert torch.allclose(alone[0], both[1])
+
+
+def test_guidance_batches_both_branches_on_the_same_x_t():
+    seen = []
+
+    def net(x, t, *, c, drop=None):
+        drop = torch.zeros(x.shape[0], dtype=torch.bool) if drop is None else drop
+        seen.append((x.clone(), drop.clone()))
+        return torch.where(drop[:, None], torch.zeros_like(x), c) + x
+
+    x, t, c = torch.randn(3, 2), torch.zeros(3, dtype=torch.long), torch.ones(3, 2)
+    out = guided_denoiser(net, {"c": c}, ["drop"], cond_scale=3.0)(x, t)
+    assert len(seen) == 1  # one batched forward
+    xs, drop = seen[0]
+    assert torch.equal(xs[:3], x) and torch.equal(xs[3:], x)  # the unconditional branch sees x_t
+    assert drop.tolist() == [False] * 3 + [True] * 3
+    assert torch.allclose(out, x + 3.0 * c)  # uncond + s * (cond - uncond)
+    assert torch.allclose(guided_denoiser(net, {"c": c}, ["drop"], 1.0)(x, t), x + c)
+
+
+def test_ddim_inversion_reconstructs_with_a_perfect_denoiser():
+    for pt in ("epsilon", "v_prediction"):
+        d = GaussianDiffusion(prediction_type=pt)
+        x0 = torch.randn(2, 3, 4, 4)
+        x_T = ddim_invert(oracle(d, x0), x0, d.config, 25)
+        rec = sample_loop(oracle(d, x0), x0.shape, d.make_scheduler("ddim"), 25, x_T=x_T)
+        assert torch.allclose(rec, x0, atol=1e-3)
+
+
+def test_embed_normalizer_roundtrip_and_errors():
+    e = torch.randn(4, 16)
+    l2 = EmbedNormalizer(16, "l2")
+    assert torch.allclose(l2.encode(e).pow(2).sum(-1), torch.full((4,), 16.0), atol=1e-4)
+    assert torch.allclose(l2.decode(l2.encode(e)), torch.nn.functional.normalize(e, dim=-1), atol=1e-6)
+    st = EmbedNormalizer(16, "standardize", [0.1] * 16, [0.5] * 16)
+    assert torch.allclose(st.decode(st.encode(e)), torch.nn.functional.normalize(e, dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="embed_stats"):
+        EmbedNormalizer(16, "standardize")
+    with pytest.raises(ValueError, match="dims"):
+        EmbedNormalizer(16, "standardize", [0.0] * 8, [1.0] * 8)
+
+
+def test_rerank_picks_the_candidate_closest_to_the_text():
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    cands = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
+    cands[1, 2] = text[1]
+    cands[0, 3] = text[0]
+    best = rerank(cands, text)
+    assert torch.equal(best[1], text[1]) and torch.equal(best[0], text[0])
+    scores = torch.einsum("bnd,bd->bn", cands, text)
+    assert torch.equal(best[2], cands[2, scores[2].argmax()])
+
+
+def test_sampler_config_merges_defaults():
+    cfg = SamplerConfig.from_any({"num_steps": 12, "cond_scale": None}, name="dpmpp", cond_scale=2.0)
+    assert (cfg.name, cfg.num_steps, cfg.cond_scale) == ("dpmpp", 12, 2.0)
