@@ -83,10 +83,10 @@ class DataStatsLogger(pl.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "skipped_counts") or trainer.global_step % self.every_n_steps:
             return
-        metrics = {f"data/skipped_{k}": float(v) for k, v in dm.skipped_counts().items()}
+        metrics = {f"data/skipped_{k}": float(v) for k, v in dm.skipped_counts("train").items()}
         metrics["data/samples_seen"] = float(dm.samples_seen())
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        # Counts are per rank: summed over ranks they are the global totals.
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
 
 
 def batch_size(batch: dict[str, Any]) -> int:

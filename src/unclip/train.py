@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 import unclip.config  # noqa: F401  (registers the config resolvers)
 
 log = logging.getLogger(__name__)
+
+# Known and harmless: the training stream carries a length on purpose (one epoch = epoch_length samples).
+warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 __all__ = ["train", "instantiate_group"]
 
@@ -35,9 +40,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None and last.is_file():  # relaunched into an existing run folder (e.g. a requeued job)
+        ckpt_path = str(last)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    with warnings.catch_warnings():
+        # With OnExceptionCheckpoint, Lightning reads ckpt_path=None as "last" and warns when there is none.
+        warnings.filterwarnings("ignore", message=r".*ckpt_path=None\)` was called without a model.*")
+        warnings.filterwarnings("ignore", message=r".*there is no last checkpoint available.*")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
     ckpt_cb = trainer.checkpoint_callback
     if getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step or not last.is_file():
         trainer.save_checkpoint(last)  # the final step, whatever the checkpoint interval

@@ -11,7 +11,8 @@ Sources (exactly one):
                               or None for random init;
     architecture              an open_clip CLIP config (embed_dim, vision_cfg, text_cfg) given in YAML, so tiny
                               CLIPs for tests and small CLIPs for `shapes` are just configs (random init, seeded);
-    checkpoint                a checkpoint written by this project's `clip` stage.
+    checkpoint                a checkpoint written by this project's `clip` stage (takes precedence, so
+                              `clip.checkpoint=PATH` works on top of any preset).
 
 Frozen use (`trainable=False`, the default): eval mode, no gradients. Consumers keep the encoder out of their
 optimizer and state dict and record `identity` instead (name, tag or file, embedding size, weights hash).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -29,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ClipEncoder", "PretrainedUnavailableError", "state_dict_sha256"]
 
@@ -108,6 +112,11 @@ class ClipEncoder(nn.Module):
         super().__init__()
         import open_clip
 
+        if checkpoint is not None and (model_name is not None or architecture is not None):
+            # `clip.checkpoint=PATH` on top of a preset: the checkpoint says what it is.
+            log.info("clip.checkpoint is set: the CLIP is rebuilt from %s; model_name/architecture are ignored",
+                     checkpoint)
+            model_name, pretrained, architecture = None, None, None
         sources = [model_name is not None, architecture is not None, checkpoint is not None]
         if sum(sources) != 1:
             raise ValueError(

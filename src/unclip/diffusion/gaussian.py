@@ -146,17 +146,21 @@ class GaussianDiffusion(nn.Module):
         x0: torch.Tensor,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        on_inputs: Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], None] | None = None,
         **cond: Any,
     ) -> dict[str, torch.Tensor]:
         """Per-sample loss (B,) for one draw of t and eps: weight(t) * mean((net(x_t, t, **cond) - target)^2).
 
         Returns {"loss": (B,), "t": (B,), "x_t", "model_output"}; reduce with .mean() for the step loss.
+        `on_inputs(x_t, t, cond)`, if given, sees the net's inputs first (used to count FLOPs once).
         """
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
+        if on_inputs is not None:
+            on_inputs(x_t, t, cond)
         model_output = net(x_t, t, **cond)
         mse = F.mse_loss(model_output.float(), self.target(x0, noise, t).float(), reduction="none")
         per_sample = mse.flatten(1).mean(dim=1) * self.loss_weight(t)

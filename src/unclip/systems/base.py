@@ -81,6 +81,7 @@ class StageSystem(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.compile_net = compile
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
 
     # ------------------------------------------------------------------ frozen CLIP
     @property
@@ -177,6 +178,26 @@ class StageSystem(pl.LightningModule):
         net = self.net
         net = getattr(net, "_orig_mod", net)
         return {"class": f"{type(net).__module__}.{type(net).__qualname__}", "config": plain(net.config)}
+
+    def measure_flops(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> None:
+        """Model FLOPs of one training step's net forward + backward (torch.utils.flop_counter), measured once
+        on a meta-device copy of the net, so ThroughputMonitor can report MFU."""
+        if self.flops_per_batch is not None or self._trainer is None:
+            return
+        from pytorch_lightning.callbacks import ThroughputMonitor
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
+            return
+        with torch.device("meta"):
+            net = type(self.net)(**self.net.config)
+
+        def meta(v: Any) -> Any:
+            return torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v
+
+        with FlopCounterMode(display=False) as counter:
+            net(meta(x_t), meta(t), **{k: meta(v) for k, v in cond.items()}).float().sum().backward()
+        self.flops_per_batch = int(counter.get_total_flops())
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

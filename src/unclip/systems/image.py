@@ -56,7 +56,7 @@ class ImageStageSystem(StageSystem):
         self.val_seed = val_seed
         self.register_buffer("bucket_sum", torch.zeros(NUM_BUCKETS), persistent=False)
         self.register_buffer("bucket_count", torch.zeros(NUM_BUCKETS), persistent=False)
-        self._val_batch: dict[str, Any] | None = None
+        self._val_grid: tuple[list[torch.Tensor], dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ to implement per stage
     def training_inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -78,7 +78,7 @@ class ImageStageSystem(StageSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.training_inputs(batch, train=True)
         x0 = x0.contiguous(memory_format=torch.channels_last) if x0.is_cuda else x0
-        out = self.diffusion.training_losses(self.net, x0, **cond)
+        out = self.diffusion.training_losses(self.net, x0, on_inputs=self.measure_flops, **cond)
         per_sample, t = out["loss"], out["t"]
         bucket = (t * NUM_BUCKETS // self.diffusion.num_timesteps).clamp(max=NUM_BUCKETS - 1)
         self.bucket_sum.index_add_(0, bucket, per_sample.detach())
@@ -108,19 +108,19 @@ class ImageStageSystem(StageSystem):
         noise = torch.randn(x0.shape, device=self.device, generator=gen)
         loss = self.diffusion.training_losses(self.net, x0, t=t, noise=noise, **cond)["loss"].mean()
         self.log("val/loss", loss, sync_dist=True, batch_size=b)
-        if batch_idx == 0 and self._val_batch is None:
+        if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
+            # Sampled here, not at epoch end: only during the validation steps are the EMA weights in place.
             n = min(self.num_val_samples, b)
-            self._val_batch = {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            first = {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            samples = self.sample_batch(first, [self.val_seed + i for i in range(n)])
+            self._val_grid = self.val_rows(first, samples)
 
     def on_validation_epoch_end(self) -> None:
-        """Samples from the fixed validation images (the first validation batch) with fixed seeds."""
-        batch, self._val_batch = self._val_batch, None
-        if batch is None or self.num_val_samples <= 0 or self.trainer.sanity_checking:
+        """Logs the sample metrics and the grid of samples from the fixed validation images and seeds."""
+        result, self._val_grid = self._val_grid, None
+        if result is None:
             return
-        n = len(batch["caption"]) if "caption" in batch else batch["image"].shape[0]
-        seeds = [self.val_seed + i for i in range(n)]
-        samples = self.sample_batch(batch, seeds)
-        rows, metrics = self.val_rows(batch, samples)
+        rows, metrics = result
         if metrics:
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:

@@ -99,7 +99,7 @@ class PriorSystem(StageSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.conditioning(batch)
         cond["cond_drop_mask"] = self.drop_mask(x0.shape[0], self.cond_drop_prob)
-        loss = self.diffusion.training_losses(self.net, x0, **cond)["loss"].mean()
+        loss = self.diffusion.training_losses(self.net, x0, on_inputs=self.measure_flops, **cond)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 

@@ -1,0 +1,183 @@
+"""The diffusion prior's denoiser: a decoder-only causal Transformer over CLIP embeddings.
+
+unCLIP section 2.2 (Ramesh et al. 2022): "we train a decoder-only Transformer with a causal attention mask on
+a sequence consisting of, in order: the encoded text, the CLIP text embedding, an embedding for the diffusion
+timestep, the noised CLIP image embedding, and a final embedding whose output from the Transformer is used
+to predict the unnoised CLIP image embedding."
+
+Sequence layout, T = L + 4 positions:
+
+    [text_tokens (L) | text_embed | time_embed | x_t | query]
+      positions 0..L-1  N           N+1          N+2   N+3      (N = num_text_tokens, the maximum L)
+
+The four trailing tokens always take positional embeddings N..N+3, so a batch of shorter captions (L < N)
+sees the same positions for them as a full-length one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unclip.nets.layers import MLP, Attention, TimestepEmbedding, init_config
+
+NUM_EXTRA_TOKENS = 4  # text_embed, time_embed, x_t, query
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout=dropout)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), dropout=dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask=mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class PriorTransformer(nn.Module):
+    """Denoiser of the unCLIP diffusion prior (section 2.2): predicts from the noised image embedding x_t.
+
+    The prediction is read at the learned query position through a final LayerNorm and Linear; whether it
+    is x0 or noise is the diffusion code's choice. Classifier-free guidance (section 2.2, "randomly dropping
+    this text conditioning information 10% of the time"): where `cond_drop_mask` is True the text embedding
+    is replaced by a learned `null_text_embed` and the caption tokens are masked out entirely, while x_t
+    and t always go in.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        text_token_dim: int,
+        num_text_tokens: int,
+        width: int,
+        depth: int,
+        heads: int,
+        dropout: float = 0.0,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.config = init_config(locals())
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads} (head size = width // heads)")
+        self.embed_dim, self.text_token_dim, self.num_text_tokens = embed_dim, text_token_dim, num_text_tokens
+
+        self.text_token_proj = nn.Linear(text_token_dim, width)
+        self.text_embed_proj = nn.Linear(embed_dim, width)
+        self.time_embed = TimestepEmbedding(width, width)
+        self.x_proj = nn.Linear(embed_dim, width)
+        self.query = nn.Parameter(torch.zeros(width))
+        self.pos_embed = nn.Parameter(torch.zeros(num_text_tokens + NUM_EXTRA_TOKENS, width))
+        # Unit-norm-scale start, like a CLIP embedding; learned from the dropped samples.
+        self.null_text_embed = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.out = nn.Linear(width, embed_dim)
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 * depth)."""
+        for name, p in self.named_parameters():
+            if name == "null_text_embed" or "ln_" in name:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                residual_proj = "blocks" in name and name.endswith("proj.weight")
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * depth) if residual_proj else 0.02)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        cond_drop_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_t (B, D), t (B,), text_embed (B, D), text_tokens (B, L, W), text_mask (B, L) bool (True = real
+        token), cond_drop_mask (B,) bool (True = use the null conditioning). Returns (B, D)."""
+        self._check(x_t, t, text_embed, text_tokens, text_mask, cond_drop_mask)
+        B, L = text_mask.shape
+
+        keep = text_mask
+        if cond_drop_mask is not None:
+            keep = keep & ~cond_drop_mask[:, None]  # (B, L)
+            text_embed = torch.where(cond_drop_mask[:, None], self.null_text_embed.to(text_embed.dtype), text_embed)
+        # Zero what is masked out, so its values (even non-finite padding) cannot reach any output.
+        text_tokens = torch.where(keep[:, :, None], text_tokens, 0.0)  # (B, L, W)
+
+        tokens = torch.cat(
+            [
+                self.text_token_proj(text_tokens),  # (B, L, width)
+                self.text_embed_proj(text_embed)[:, None],  # (B, 1, width)
+                self.time_embed(t)[:, None],  # (B, 1, width)
+                self.x_proj(x_t)[:, None],  # (B, 1, width)
+                self.query.expand(B, 1, -1),  # (B, 1, width)
+            ],
+            dim=1,
+        )  # (B, T, width), T = L + 4
+        pos = torch.cat([self.pos_embed[:L], self.pos_embed[self.num_text_tokens :]])  # (T, width)
+        h = self.drop(tokens + pos)
+
+        mask = self._attention_mask(keep)  # (B, 1, T, T)
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.out(self.ln_f(h[:, -1]))  # (B, D)
+
+    @staticmethod
+    def _attention_mask(keep: torch.Tensor) -> torch.Tensor:
+        """Causal AND (key valid OR key is the query itself); (B, L) -> (B, 1, T, T), True = may attend.
+
+        The diagonal term guarantees every row has a key: SDPA returns NaN for a fully masked row, and a NaN
+        value still poisons later layers through zero attention weights (0 * NaN = NaN).
+        """
+        B, L = keep.shape
+        T = L + NUM_EXTRA_TOKENS
+        valid = torch.cat([keep, keep.new_ones(B, NUM_EXTRA_TOKENS)], dim=1)  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()  # (T, T)
+        eye = torch.eye(T, dtype=torch.bool, device=keep.device)  # (T, T)
+        return (causal & (valid[:, None, :] | eye))[:, None]  # (B, 1, T, T)
+
+    def _check(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        cond_drop_mask: torch.Tensor | None,
+    ) -> None:
+        """Shape and dtype checks on static properties only (no host sync, torch.compile friendly)."""
+        B, D = x_t.shape[0], self.embed_dim
+        if x_t.shape != (B, D) or text_embed.shape != (B, D):
+            raise ValueError(
+                f"x_t and text_embed must be (B, embed_dim={D}); got {tuple(x_t.shape)} and "
+                f"{tuple(text_embed.shape)} (is embed_dim the CLIP embedding width?)"
+            )
+        if t.shape != (B,):
+            raise ValueError(f"t must be a (B,) = ({B},) tensor of timesteps, got shape {tuple(t.shape)}")
+        L, W = text_mask.shape[-1], self.text_token_dim
+        if text_mask.shape != (B, L) or text_tokens.shape != (B, L, W) or text_mask.dtype != torch.bool:
+            raise ValueError(
+                f"text_tokens must be (B, L, text_token_dim={W}) and text_mask (B, L) bool; got "
+                f"{tuple(text_tokens.shape)} and {tuple(text_mask.shape)} {text_mask.dtype}"
+            )
+        if L > self.num_text_tokens:
+            raise ValueError(
+                f"{L} text tokens were passed but this prior was built with num_text_tokens="
+                f"{self.num_text_tokens}; rebuild it with the text encoder's context length"
+            )
+        if cond_drop_mask is not None and (cond_drop_mask.shape != (B,) or cond_drop_mask.dtype != torch.bool):
+            raise ValueError(
+                f"cond_drop_mask must be a (B,) = ({B},) bool tensor (True = drop the text), got "
+                f"{tuple(cond_drop_mask.shape)} {cond_drop_mask.dtype}"
+            )

@@ -1,0 +1,364 @@
+"""Behaviour of the denoisers (unclip.nets) at tiny sizes on CPU: shapes, masks, null conditioning, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unclip.nets import PriorTransformer, UNet
+from unclip.nets.layers import group_norm, init_config
+from unclip.nets.unet import resize_lowres
+
+B, D, L, W = 3, 32, 10, 32  # batch, CLIP embedding width, caption length, caption token width
+
+TINY_PRIOR = dict(embed_dim=D, text_token_dim=W, num_text_tokens=32, width=32, depth=2, heads=2)
+TINY_DECODER = dict(
+    image_size=32,
+    model_channels=8,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[16],
+    num_head_channels=8,
+    image_embed_dim=D,
+    text_token_dim=W,
+)
+TINY_UPSAMPLER = dict(
+    image_size=32,
+    model_channels=8,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[],
+    lowres_cond=True,
+    noise_level_cond=True,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny nets run fastest on one thread (and do not fight other processes for cores); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturb(net: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Move every weight off its init (zero-initialised layers included) so every path carries signal."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return net
+
+
+def prior_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text_mask = torch.ones(B, L, dtype=torch.bool)
+    text_mask[0, 6:] = False  # sample 0 has a 6-token caption
+    text_mask[1, 3:] = False  # sample 1 has a 3-token caption
+    return dict(
+        x_t=torch.randn(B, D, generator=g),
+        t=torch.randint(0, 1000, (B,), generator=g),
+        text_embed=torch.randn(B, D, generator=g),
+        text_tokens=torch.randn(B, L, W, generator=g),
+        text_mask=text_mask,
+    )
+
+
+def run_prior(net: PriorTransformer, inputs: dict, **overrides) -> torch.Tensor:
+    kw = {**inputs, **overrides}
+    return net(kw.pop("x_t"), kw.pop("t"), **kw)
+
+
+def decoder_inputs(seed: int = 0, size: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text_mask = torch.ones(B, L, dtype=torch.bool)
+    text_mask[0, 4:] = False
+    return dict(
+        x_t=torch.randn(B, 3, size, size, generator=g),
+        t=torch.randint(0, 1000, (B,), generator=g),
+        image_embed=torch.randn(B, D, generator=g),
+        text_tokens=torch.randn(B, L, W, generator=g),
+        text_mask=text_mask,
+    )
+
+
+def run_unet(net: UNet, inputs: dict, **overrides) -> torch.Tensor:
+    kw = {**inputs, **overrides}
+    return net(kw.pop("x_t"), kw.pop("t"), **kw)
+
+
+def upsampler_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x_t=torch.randn(B, 3, 32, 32, generator=g),
+        t=torch.randint(0, 1000, (B,), generator=g),
+        lowres_image=torch.rand(B, 3, 16, 16, generator=g) * 2 - 1,
+        noise_level=torch.randint(0, 1000, (B,), generator=g),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+
+def test_group_norm_picks_largest_divisor_up_to_32():
+    assert [group_norm(c).num_groups for c in (8, 48, 96, 100, 320)] == [8, 24, 32, 25, 32]
+
+
+def test_init_config_is_plain_json():
+    def ctor(self, a: int, b: tuple = (1, 2), c: float | None = None):
+        return init_config(locals())
+
+    assert ctor(None, 3) == {"a": 3, "b": [1, 2], "c": None}
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        ctor(None, torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------------------------------- prior
+
+
+def test_prior_output_shape_and_shorter_captions():
+    net = PriorTransformer(**TINY_PRIOR)
+    inputs = prior_inputs()
+    assert run_prior(net, inputs).shape == (B, D)
+    short = {**inputs, "text_tokens": inputs["text_tokens"][:, :4], "text_mask": inputs["text_mask"][:, :4]}
+    assert run_prior(net, short).shape == (B, D)
+    long = dict(text_tokens=torch.randn(B, 33, W), text_mask=torch.ones(B, 33, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_text_tokens=32"):
+        run_prior(net, inputs, **long)
+
+
+def test_prior_padding_mask():
+    net = PriorTransformer(**TINY_PRIOR).eval()
+    inputs = prior_inputs()
+    out = run_prior(net, inputs)
+    tokens = inputs["text_tokens"].clone()
+    tokens[0, 6:] = 1e4  # padding of sample 0
+    tokens[1, 3:] = float("nan")  # padding of sample 1, even non-finite
+    assert torch.equal(run_prior(net, inputs, text_tokens=tokens), out)
+    tokens = inputs["text_tokens"].clone()
+    tokens[0, 2] += 1.0  # a real token of sample 0
+    changed = run_prior(net, inputs, text_tokens=tokens)
+    assert not torch.allclose(changed[0], out[0])
+    assert torch.equal(changed[1:], out[1:])  # samples stay independent
+
+
+def test_prior_causal_mask():
+    """Position i sees only positions <= i: check the last block's hidden states."""
+    net = PriorTransformer(**TINY_PRIOR).eval()
+    hidden = []
+    net.blocks[-1].register_forward_hook(lambda module, args, output: hidden.append(output))
+    inputs = prior_inputs()
+    run_prior(net, inputs)
+    run_prior(net, inputs, x_t=inputs["x_t"] + 1.0)  # x_t sits at position L + 2
+    before, after = hidden
+    assert torch.equal(before[:, : L + 2], after[:, : L + 2])
+    assert not torch.allclose(before[:, L + 2 :], after[:, L + 2 :])
+
+
+def test_prior_null_conditioning():
+    net = perturb(PriorTransformer(**TINY_PRIOR)).eval()
+    drop = torch.ones(B, dtype=torch.bool)
+    a, b = prior_inputs(seed=0), prior_inputs(seed=1)
+    other_cond = dict(text_embed=b["text_embed"], text_tokens=b["text_tokens"], text_mask=~a["text_mask"])
+    uncond = run_prior(net, a, cond_drop_mask=drop)
+    assert torch.equal(run_prior(net, a, cond_drop_mask=drop, **other_cond), uncond)
+    assert not torch.allclose(run_prior(net, a), uncond)
+    # The unconditional branch still sees x_t and t.
+    assert not torch.allclose(run_prior(net, a, cond_drop_mask=drop, x_t=b["x_t"]), uncond)
+    assert not torch.allclose(run_prior(net, a, cond_drop_mask=drop, t=(a["t"] + 100) % 1000), uncond)
+    # A mixed mask drops exactly the flagged samples.
+    mixed = run_prior(net, a, cond_drop_mask=torch.tensor([True, False, False]))
+    assert torch.equal(mixed[0], uncond[0]) and torch.equal(mixed[1:], run_prior(net, a)[1:])
+
+
+def test_prior_all_padding_is_finite():
+    net = perturb(PriorTransformer(**TINY_PRIOR))
+    inputs = prior_inputs()
+    no_text = torch.zeros(B, L, dtype=torch.bool)
+    out = run_prior(net, inputs, text_mask=no_text)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------------------ UNet
+
+
+@pytest.mark.parametrize("resblock_updown", [True, False])
+def test_decoder_shapes_and_zero_init(resblock_updown):
+    net = UNet(**TINY_DECODER, resblock_updown=resblock_updown)
+    inputs = decoder_inputs()
+    out = run_unet(net, inputs)
+    assert out.shape == (B, 3, 32, 32)
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv and residual branches
+    assert run_unet(perturb(net), inputs).abs().sum() > 0
+
+
+def test_decoder_image_only_and_learned_variance():
+    cfg = {**TINY_DECODER, "text_token_dim": None, "out_channels": 6}
+    net = UNet(**cfg)
+    inputs = decoder_inputs()
+    out = net(inputs["x_t"], inputs["t"], image_embed=inputs["image_embed"])
+    assert out.shape == (B, 6, 32, 32)
+    with pytest.raises(ValueError, match="built with text_token_dim=None, but text_tokens was passed"):
+        run_unet(net, inputs)
+
+
+def test_upsampler_shapes_and_zero_init():
+    net = UNet(**TINY_UPSAMPLER)
+    assert net.conv_in.in_channels == 6  # x_t plus the resized low-res image
+    inputs = upsampler_inputs()
+    out = run_unet(net, inputs)
+    assert out.shape == (B, 3, 32, 32) and torch.equal(out, torch.zeros_like(out))
+    perturb(net)
+    # A low-res image already at the output size is used as is; a 16 px one is resized to 32 px first.
+    resized = resize_lowres(inputs["lowres_image"], (32, 32))
+    assert resized.shape == (B, 3, 32, 32) and resize_lowres(resized, (32, 32)) is resized
+    torch.testing.assert_close(run_unet(net, inputs), run_unet(net, inputs, lowres_image=resized))
+    # Upsamplers train on crops and run at full size: any multiple of the downsampling factor works.
+    big = {**inputs, "x_t": torch.randn(B, 3, 64, 64)}
+    assert run_unet(net, big).shape == (B, 3, 64, 64)
+    other_level = inputs["noise_level"] // 2
+    assert not torch.allclose(run_unet(net, inputs), run_unet(net, inputs, noise_level=other_level))
+
+
+def test_unet_text_padding_mask():
+    net = perturb(UNet(**TINY_DECODER)).eval()
+    inputs = decoder_inputs()
+    out = run_unet(net, inputs)
+    tokens = inputs["text_tokens"].clone()
+    tokens[0, 4:] = float("nan")  # padding of sample 0
+    assert torch.equal(run_unet(net, inputs, text_tokens=tokens), out)
+    tokens = inputs["text_tokens"].clone()
+    tokens[0, 1] += 1.0
+    assert not torch.allclose(run_unet(net, inputs, text_tokens=tokens)[0], out[0])
+
+
+def test_unet_null_conditioning():
+    net = perturb(UNet(**TINY_DECODER)).eval()
+    a, b = decoder_inputs(seed=0), decoder_inputs(seed=1)
+    drop = torch.ones(B, dtype=torch.bool)
+    dropped = dict(image_embed_drop_mask=drop, text_drop_mask=drop)
+    uncond = run_unet(net, a, **dropped)
+    other_cond = dict(image_embed=b["image_embed"], text_tokens=b["text_tokens"], text_mask=~a["text_mask"])
+    assert torch.equal(run_unet(net, a, **dropped, **other_cond), uncond)
+    assert not torch.allclose(run_unet(net, a), uncond)
+    # Each conditioning is dropped on its own.
+    text_only = run_unet(net, a, image_embed_drop_mask=drop)
+    image_only = run_unet(net, a, text_drop_mask=drop)
+    assert not torch.allclose(text_only, uncond) and not torch.allclose(image_only, uncond)
+    # No caption at all is the null caption.
+    no_text = net(a["x_t"], a["t"], image_embed=a["image_embed"])
+    torch.testing.assert_close(no_text, image_only, rtol=1e-5, atol=1e-6)
+
+
+def test_unet_all_parameters_get_gradients():
+    """DDP without find_unused_parameters needs every parameter in the graph, null embeddings included."""
+    for cfg, inputs in ((TINY_DECODER, decoder_inputs()), (TINY_UPSAMPLER, upsampler_inputs())):
+        net = perturb(UNet(**cfg))
+        if "image_embed" in inputs:
+            inputs = {**inputs, "image_embed_drop_mask": torch.tensor([True, False, False])}
+        run_unet(net, inputs).square().mean().backward()
+        assert [n for n, p in net.named_parameters() if p.grad is None] == []
+
+
+def test_unet_gradient_checkpointing_matches():
+    inputs = decoder_inputs()
+    plain = perturb(UNet(**TINY_DECODER))
+    ckpt = UNet(**{**TINY_DECODER, "gradient_checkpointing": True})
+    ckpt.load_state_dict(plain.state_dict())
+    outs = []
+    for net in (plain, ckpt):
+        out = run_unet(net, inputs)
+        out.square().mean().backward()
+        outs.append((out, net.conv_in.weight.grad))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_unet_channels_last_matches():
+    net = perturb(UNet(**TINY_DECODER)).eval()
+    inputs = decoder_inputs()
+    out = run_unet(net, inputs)
+    net = net.to(memory_format=torch.channels_last)
+    x_t = inputs["x_t"].to(memory_format=torch.channels_last)
+    torch.testing.assert_close(run_unet(net, inputs, x_t=x_t), out, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_teaching_errors():
+    with pytest.raises(ValueError, match="not a feature-map size"):
+        UNet(**{**TINY_DECODER, "attention_resolutions": [12]})
+    with pytest.raises(ValueError, match="only through attention"):
+        UNet(**{**TINY_DECODER, "attention_resolutions": []})
+    with pytest.raises(ValueError, match="not divisible by num_head_channels"):
+        UNet(**{**TINY_DECODER, "num_head_channels": 64})
+    up = UNet(**TINY_UPSAMPLER)
+    inputs = upsampler_inputs()
+    with pytest.raises(ValueError, match="built with image_embed_dim=None, but image_embed was passed"):
+        run_unet(up, inputs, image_embed=torch.randn(B, D))
+    with pytest.raises(ValueError, match="lowres_cond=True, so lowres_image is required"):
+        run_unet(up, inputs, lowres_image=None)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        run_unet(up, inputs, x_t=torch.randn(B, 3, 33, 33))
+    dec = UNet(**TINY_DECODER)
+    with pytest.raises(ValueError, match="text_mask must be"):
+        run_unet(dec, decoder_inputs(), text_mask=torch.ones(B, L))
+
+
+# ---------------------------------------------------------------------------------------- both: config, bf16
+
+
+def all_nets():
+    return [
+        (PriorTransformer(**TINY_PRIOR), prior_inputs(), run_prior),
+        (UNet(**TINY_DECODER), decoder_inputs(), run_unet),
+        (UNet(**TINY_UPSAMPLER), upsampler_inputs(), run_unet),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_config_rebuilds_identical_net(index):
+    net, inputs, run = all_nets()[index]
+    net = perturb(net).eval()
+    config = json.loads(json.dumps(net.config))  # what a checkpoint stores
+    rebuilt = type(net)(**config).eval()
+    rebuilt.load_state_dict(net.state_dict(), strict=True)
+    assert rebuilt.config == net.config
+    assert torch.equal(run(rebuilt, inputs), run(net, inputs))
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_bf16_autocast_cpu(index):
+    net, inputs, run = all_nets()[index]
+    net = perturb(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(net, inputs)
+    assert torch.isfinite(out.float()).all()
+    out.float().square().mean().backward()
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_dynamo_traces_without_graph_breaks(index):
+    """fullgraph=True fails on any graph break; the eager backend checks that in seconds (no codegen)."""
+    net, inputs, run = all_nets()[index]
+    drop = torch.tensor([True, False, True])
+    if isinstance(net, PriorTransformer):
+        inputs = {**inputs, "cond_drop_mask": drop}
+    elif net.image_embed_dim is not None:
+        inputs = {**inputs, "image_embed_drop_mask": drop, "text_drop_mask": ~drop}
+    torch._dynamo.reset()
+    compiled = torch.compile(perturb(net), fullgraph=True, backend="eager")
+    torch.testing.assert_close(run(compiled, inputs), run(net, inputs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(3))
+def test_torch_compile_inductor(index):
+    """The real compiler gives the eager numbers; up to a minute per net on a 2-core CPU (inductor codegen)."""
+    net, inputs, run = all_nets()[index]
+    net = perturb(net).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True)
+    torch.testing.assert_close(run(compiled, inputs), run(net, inputs), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,104 @@
+"""ShapesEval reads the generator's own images back (>= 98% at 256 and 64 px) and rejects noise."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unclip.data.shapes import SPLITS, make_sample, parse_caption
+from unclip.data.shapes_render import render_scene
+from unclip.eval.shapes_eval import SCORED, ShapesEval, read_scene, score_scene
+
+NUM_PER_SPLIT = 80
+
+
+def _jpeg_round_trip(image: Image.Image) -> np.ndarray:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, subsampling=0)  # as the shards store it
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+
+
+@pytest.fixture(scope="module")
+def batches() -> dict[str, tuple[torch.Tensor, list[dict]]]:
+    out = {}
+    for split in SPLITS:
+        samples = [make_sample(11, split, i, 256) for i in range(NUM_PER_SPLIT)]
+        metas = [{"caption": caption, "attributes": attributes} for _, caption, attributes in samples]
+        out[split] = _to_tensor([_jpeg_round_trip(image) for image, _, _ in samples]), metas
+    return out
+
+
+@pytest.mark.parametrize("size", [256, 64])
+def test_reads_own_images(batches, size: int) -> None:
+    for split, (images, metas) in batches.items():
+        if size != 256:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        scores = ShapesEval()(images, metas)
+        group = "heldout" if split == "heldout" else "indist"
+        assert scores[f"n_{group}"] == NUM_PER_SPLIT
+        assert scores[f"{group}/all"] >= 0.98, (split, size, scores)
+        assert {f"{group}/{a}" for a in SCORED} <= set(scores), "every attribute is stated somewhere"
+
+
+def test_reads_images_rendered_at_64px() -> None:
+    samples = [make_sample(12, SPLITS[i % 3], i, 64) for i in range(60)]
+    images = [_jpeg_round_trip(image) for image, _, _ in samples]  # uint8 (H, W, 3) arrays
+    scores = ShapesEval()(images, [attributes for _, _, attributes in samples])
+    assert scores["indist/all"] >= 0.98 and scores["heldout/all"] >= 0.98
+
+
+def test_noise_scores_low(batches) -> None:
+    generator = torch.Generator().manual_seed(0)
+    metas = [m for _, ms in batches.values() for m in ms[:30]]
+    for size in (256, 64):
+        noise = torch.rand(len(metas), 3, size, size, generator=generator) * 2 - 1
+        scores = ShapesEval()(noise, metas)
+        assert scores["indist/all"] < 0.2 and scores["heldout/all"] < 0.2
+
+
+def test_wrong_colour_is_wrong_on_colour() -> None:
+    _, caption, attributes = make_sample(0, "train", 1)
+    wrong = {**attributes, "objects": [dict(o) for o in attributes["objects"]]}
+    wrong["objects"][0]["colour"] = "green" if attributes["objects"][0]["colour"] != "green" else "red"
+    right = score_scene(read_scene(render_scene(attributes)), {"attributes": attributes})
+    result = score_scene(read_scene(render_scene(wrong)), {"attributes": attributes})
+    assert right["all"] and not result["colour"] and not result["all"]
+    assert result["shape"] and result["count"], "only the colour is wrong"
+
+
+def test_read_scene_values() -> None:
+    scene = {"background": "gray", "objects": [
+        {"shape": "star", "colour": "yellow", "center": [0.16, 0.5], "scale": 0.25},
+        {"shape": "triangle", "colour": "purple", "center": [0.83, 0.84], "scale": 0.125},
+    ]}
+    read = read_scene(torch.from_numpy(render_scene(scene, 128)).permute(2, 0, 1).float() / 127.5 - 1)
+    assert read["background"] == "gray"
+    got = [(o["shape"], o["colour"], o["size"], o["position"]) for o in read["objects"]]
+    assert got == [("star", "yellow", "large", "left"), ("triangle", "purple", "small", "bottom right")]
+    assert np.allclose(read["objects"][0]["center"], [0.16, 0.5], atol=0.01)
+    assert abs(read["objects"][0]["scale"] - 0.25) < 0.01
+
+
+def test_free_text_prompts_and_accumulation(batches) -> None:
+    images, metas = batches["val"]
+    captions = [m["caption"] for m in metas]  # plain captions are parsed, then scored the same way
+    assert ShapesEval()(images, captions) == ShapesEval()(images, metas)
+    assert parse_caption(captions[0])["stated"] == metas[0]["attributes"]["stated"]
+    evaluator = ShapesEval()
+    half = len(metas) // 2
+    evaluator.update(images[:half], metas[:half])
+    evaluator.update(list(images[half:]), metas[half:])
+    assert evaluator.compute() == ShapesEval()(images, metas)
+    evaluator.reset()
+    assert evaluator.compute() == {"n_indist": 0.0, "n_heldout": 0.0}
+    with pytest.raises(ValueError):
+        evaluator.update(images[:2], metas[:3])
