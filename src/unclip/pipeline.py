@@ -30,7 +30,7 @@ from unclip.checkpoint import build_net, load_stage_checkpoint, net_state_dict
 from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
-from unclip.diffusion.sampling import ddim_invert, guided_denoiser
+from unclip.diffusion.sampling import ddim_invert, guided_denoiser, make_generators
 from unclip.generate import SamplerConfig, sample_image_embeds, sample_images
 
 log = logging.getLogger(__name__)
@@ -252,16 +252,18 @@ class UnCLIPPipeline:
         for i, stage in enumerate(self.upsamplers):
             sampler = (samplers[i] if i < len(samplers) else None) or stage.sampler
             system = stage.meta["system"]
+            stage_name = "upsampler" if i == 0 else "upsampler_1024"
             cond: dict[str, Any] = {"lowres_image": images.float()}
-            if stage.net.config.get("noise_level_cond"):
+            if stage.net.config.get("noise_level_cond"):  # noise augmentation at its sampling level, seeded
                 level = torch.full((images.shape[0],), int(system.get("sample_noise_level", 0)),
                                    dtype=torch.long, device=images.device)
-                cond["lowres_image"] = stage.diffusion.to(images.device).q_sample(
-                    images.float(), level, torch.randn_like(images.float()))
+                gens = make_generators([s + 17 for s in self.stage_seeds(seeds, stage_name)], images.device)
+                noise = torch.stack([torch.randn(images.shape[1:], generator=g, device=images.device) for g in gens])
+                cond["lowres_image"] = stage.diffusion.to(images.device).q_sample(images.float(), level, noise)
                 cond["noise_level"] = level
             with self._on_device(stage) as s:
                 images = sample_images(s.net, s.diffusion, cond, self._image_shape(s, len(seeds)), sampler, (),
-                                       seeds=self.stage_seeds(seeds, "upsampler" if i == 0 else "upsampler_1024"),
+                                       seeds=self.stage_seeds(seeds, stage_name),
                                        progress=progress, desc=stage.name)
             outs.append(images)
         return outs

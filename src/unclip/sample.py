@@ -127,8 +127,8 @@ def _text_to_image(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, c
             log.warning("prompt %d is longer than CLIP's %d-token context and is truncated: %r", i,
                         pipe.clip.context_length, p[:80] + ("..." if len(p) > 80 else ""))
     settings = {
-        "prior_sampler": OmegaConf.to_container(cfg.prior_sampler), "decoder_sampler":
-        OmegaConf.to_container(cfg.decoder_sampler), "upsampler_samplers": OmegaConf.to_container(cfg.upsampler_samplers),
+        "prior_sampler": _given(cfg.prior_sampler), "decoder_sampler": _given(cfg.decoder_sampler),
+        "upsampler_samplers": [_given(u) for u in cfg.upsampler_samplers or []],
         "num_candidates": cfg.num_candidates, "stop_at": cfg.stop_at,
     }
     result = pipe.text_to_image(expanded, seeds, prior_sampler=settings["prior_sampler"] or None,
@@ -152,6 +152,12 @@ def _text_to_image(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, c
     grid_path = save_png(grid([images]), out_dir / "grid.png") if images is not None else None
     log.info("wrote %d images to %s (grid: %s)", len(files), images_dir, grid_path)
     return {"files": [str(f) for f in files], "grid": str(grid_path) if grid_path else None, "out_dir": str(out_dir)}
+
+
+def _given(node) -> dict[str, Any]:
+    """The sampler keys set on the command line (nulls mean: the checkpoint's default)."""
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    return {k: v for k, v in (values or {}).items() if v is not None}
 
 
 def _resolved_samplers(pipe: UnCLIPPipeline, settings: dict) -> dict[str, Any]:

@@ -313,13 +313,15 @@ class UpsamplerSystem(ImageStageSystem):
             return bsr_degrade(lowres, self.degradation_prob)
         return lowres
 
-    def lowres_cond(self, lowres: torch.Tensor, level: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def lowres_cond(self, lowres: torch.Tensor, level: torch.Tensor | None,
+                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Upsample the conditioning to the target size and noise it to `level` (noise augmentation)."""
         up = upsample(lowres, self.image_size)
         cond = {"lowres_image": up}
         if self.net.config.get("noise_level_cond"):
             level = level if level is not None else torch.zeros(up.shape[0], dtype=torch.long, device=up.device)
-            cond["lowres_image"] = self.diffusion.q_sample(up, level, torch.randn_like(up))
+            noise = torch.randn(up.shape, device=up.device, generator=generator)
+            cond["lowres_image"] = self.diffusion.q_sample(up, level, noise)
             cond["noise_level"] = level
         return cond
 
@@ -349,7 +351,7 @@ class UpsamplerSystem(ImageStageSystem):
     def sample_batch(self, batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         lowres = self.get_lowres(batch)
         level = torch.full((lowres.shape[0],), self.sample_noise_level, dtype=torch.long, device=lowres.device)
-        cond = self.lowres_cond(lowres, level)
+        cond = self.lowres_cond(lowres, level, torch.Generator(device=lowres.device).manual_seed(seeds[0]))
         shape = (len(seeds), 3, self.image_size, self.image_size)
         return sample_images(self.net, self.diffusion, cond, shape, self.sampler, drop_mask_names=(), seeds=seeds)
 

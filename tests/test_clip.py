@@ -1,0 +1,195 @@
+"""The CLIP stage: the encoder wrapper, frozen use, contrastive training, checkpoints, offline behaviour."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from unclip.clip.encoder import ClipEncoder, PretrainedUnavailableError
+from unclip.clip.system import ClipSystem
+from unclip.data.shapes import make_sample
+
+from .conftest import CONF
+
+
+def tiny_cfg() -> dict:
+    cfg = yaml.safe_load((CONF / "clip" / "tiny.yaml").read_text())
+    cfg.pop("_target_")
+    return cfg
+
+
+def shapes_batch(n: int, split: str = "train", offset: int = 0, size: int = 32) -> dict:
+    images, captions, metas = [], [], []
+    for i in range(n):
+        img, caption, attrs = make_sample(0, split, offset + i, image_size=size)
+        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        captions.append(caption)
+        metas.append({"attributes": attrs})
+    return {"image": torch.stack(images), "caption": captions, "meta": metas}
+
+
+@pytest.fixture(scope="module")
+def trained_clip() -> ClipEncoder:
+    """A tiny CLIP trained for a few seconds on `shapes` pairs."""
+    torch.manual_seed(0)
+    encoder = ClipEncoder(**tiny_cfg(), trainable=True)
+    system = ClipSystem(encoder)
+    system.setup("fit")
+    data = [shapes_batch(32, offset=32 * k) for k in range(8)]
+    opt = torch.optim.AdamW(system.parameters(), lr=2e-3)
+    losses = []
+    for step in range(120):
+        image_f, text_f, scale = system.features(data[step % 8])
+        loss = system.loss_fn(image_f, text_f, scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    encoder.losses = losses
+    encoder.requires_grad_(False).eval()
+    return encoder
+
+
+def test_tiny_clip_from_yaml_outputs():
+    enc = ClipEncoder(**tiny_cfg())
+    captions = ["a red circle", "a small blue star in the upper left corner on a white background"]
+    out = enc.encode_text(captions)
+    tokens = enc.tokenize(captions)
+    assert out["text_embed"].shape == (2, 32) and out["text_embed"].dtype == torch.float32
+    assert out["text_tokens"].shape == (2, 32, 32) and out["text_tokens"].dtype == torch.float32
+    assert out["text_mask"].dtype == torch.bool and torch.equal(out["text_mask"], tokens != 0)
+    assert out["text_mask"].sum(1).tolist() == [len(enc.tokenizer.encode(c)) + 2 for c in captions]
+    image = enc.encode_image(torch.rand(3, 3, 48, 40) * 2 - 1)  # any size: resized and cropped
+    assert image.shape == (3, 32) and torch.isfinite(image).all()
+    assert enc.identity["embed_dim"] == 32 and len(enc.identity["weights_sha256"]) == 64
+    assert ClipEncoder(**tiny_cfg()).identity["weights_sha256"] == enc.identity["weights_sha256"]  # seeded init
+    assert ClipEncoder(**{**tiny_cfg(), "init_seed": 1}).identity["weights_sha256"] != enc.identity["weights_sha256"]
+
+
+def test_truncation_is_reported():
+    enc = ClipEncoder(**tiny_cfg())
+    assert enc.truncated(["a red circle", "a red circle " * 20]) == [False, True]
+
+
+def test_frozen_encoder_has_no_grads_stays_in_eval_and_is_not_part_of_a_stage(tiny_checkpoints):
+    from hydra.utils import instantiate
+
+    enc = ClipEncoder(**tiny_cfg())
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not enc.model.training
+    out = enc.encode_text(["a red circle"])
+    assert not out["text_embed"].requires_grad
+
+    net = instantiate(yaml.safe_load((CONF / "model" / "net" / "prior_tiny.yaml").read_text()))
+    from unclip.diffusion.gaussian import GaussianDiffusion
+    from unclip.systems.prior import PriorSystem
+
+    system = PriorSystem(net, GaussianDiffusion(prediction_type="sample"), clip=enc)
+    assert not any(k.startswith(("clip", "_clip", "encoder")) for k in system.state_dict())
+    clip_params = {id(p) for p in enc.parameters()}
+    assert not clip_params & {id(p) for p in system.parameters()}
+    groups = system.parameter_groups(0.01)
+    assert not clip_params & {id(p) for g in groups for p in g["params"]}
+    system.to(torch.float64)  # the frozen CLIP moves with its stage
+    assert next(enc.parameters()).dtype == torch.float64
+    with pytest.raises(ValueError, match="frozen"):
+        PriorSystem(net, GaussianDiffusion(), clip=ClipEncoder(**tiny_cfg(), trainable=True))
+
+
+def test_a_few_training_steps_lower_the_contrastive_loss(trained_clip):
+    losses = trained_clip.losses
+    assert np.mean(losses[-16:]) < np.mean(losses[:8]) - 0.3
+
+
+def test_clip_score_ranks_the_matching_caption_higher(trained_clip):
+    from unclip.eval.metrics import ImageMetrics
+
+    batch = shapes_batch(48, split="val")
+    scores = {}
+    for name, captions in {"match": batch["caption"], "mismatch": batch["caption"][1:] + batch["caption"][:1]}.items():
+        m = ImageMetrics(["clip_score"], encoder=trained_clip)
+        m.update_fake(batch["image"], captions=captions)
+        scores[name] = m.compute()["clip_score"]
+    assert scores["match"] > scores["mismatch"] + 2.0
+
+
+def test_zero_shot_attributes_beat_chance(trained_clip):
+    from unclip.eval.zero_shot import shapes_zero_shot
+
+    batch = shapes_batch(96, split="val")
+    with torch.no_grad():
+        image_embed = trained_clip.encode_image(batch["image"])
+    out = shapes_zero_shot(trained_clip, image_embed, batch["meta"])
+    assert out["zeroshot_n"] > 10
+    assert set(out) == {"zeroshot_n", "zeroshot_colour", "zeroshot_shape", "zeroshot_size", "zeroshot_position"}
+    assert all(0.0 <= out[k] <= 1.0 for k in out if k != "zeroshot_n")
+
+
+def test_clip_checkpoint_reloads_to_identical_embeddings(tiny_checkpoints):
+    path = tiny_checkpoints["clip"]
+    a, b = ClipEncoder(checkpoint=str(path)), ClipEncoder(checkpoint=str(path))
+    assert a.identity["weights_sha256"] == b.identity["weights_sha256"]
+    assert a.identity["weights_sha256"] != ClipEncoder(**tiny_cfg()).identity["weights_sha256"]  # trained
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(a.encode_image(images), b.encode_image(images))
+    # clip.checkpoint=PATH on top of a preset: the checkpoint wins
+    c = ClipEncoder(**{**tiny_cfg(), "checkpoint": str(path)})
+    assert c.identity["weights_sha256"] == a.identity["weights_sha256"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from unclip.clip.encoder import state_dict_sha256
+
+    system_weights = {k[len("encoder.model."):]: v for k, v in ckpt["state_dict"].items()}
+    reference = ClipEncoder(**tiny_cfg())
+    reference.model.load_state_dict(system_weights)
+    assert state_dict_sha256(reference.model) == a.identity["weights_sha256"]
+
+
+def test_a_non_clip_checkpoint_is_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="'prior' checkpoint, but a 'clip' checkpoint"):
+        ClipEncoder(checkpoint=str(tiny_checkpoints["prior"]))
+
+
+def test_offline_pretrained_tag_fails_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(PretrainedUnavailableError) as err:
+        ClipEncoder(model_name="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir="/nonexistent-cache")
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert "ViT-B-32" in msg and "laion2b_s34b_b79k" in msg and "huggingface.co" in msg
+    assert "clip.pretrained=/path/to" in msg
+    with pytest.raises(ValueError, match="Known tags"):
+        ClipEncoder(model_name="ViT-B-32", pretrained="no-such-tag")
+
+
+def test_source_validation():
+    with pytest.raises(ValueError, match="exactly one CLIP source"):
+        ClipEncoder()
+    with pytest.raises(ValueError, match="needs clip.model_name"):
+        ClipEncoder(architecture=tiny_cfg()["architecture"], pretrained="x")
+
+
+def test_precomputed_fields_skip_clip(tiny_checkpoints):
+    """A stage given precomputed fields in the batch takes them as they are and never runs CLIP."""
+    from hydra.utils import instantiate
+
+    from unclip.diffusion.gaussian import GaussianDiffusion
+    from unclip.systems.prior import PriorSystem
+
+    net = instantiate(yaml.safe_load((CONF / "model" / "net" / "prior_tiny.yaml").read_text()))
+    enc = ClipEncoder(**tiny_cfg())
+    calls = []
+    enc.encode_text = lambda *a, **k: calls.append("text")  # would break if called
+    enc.encode_image = lambda *a, **k: calls.append("image")
+    system = PriorSystem(net, GaussianDiffusion(prediction_type="sample"), clip=enc)
+    batch = {"caption": ["x"] * 2, "image_embed": torch.randn(2, 32).half(), "text_embed": torch.randn(2, 32).half(),
+             "text_tokens": torch.randn(2, 32, 32).half(), "text_mask": torch.ones(2, 32, dtype=torch.bool)}
+    feats = system.clip_features(batch, ("text_embed", "text_tokens", "text_mask", "image_embed"))
+    assert not calls and feats["text_tokens"].dtype == torch.float32 and feats["text_mask"].dtype == torch.bool
+    assert torch.allclose(F.normalize(feats["image_embed"], dim=-1), F.normalize(batch["image_embed"].float(), dim=-1))

@@ -1,0 +1,95 @@
+"""train.py: every tiny experiment trains and writes a self-describing checkpoint; resume; sweeps; overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, InstantiationException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from unclip.checkpoint import STAGES, build_net, export_safetensors, load_stage_checkpoint, net_state_dict
+
+from .conftest import ROOT, train_stage
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_tiny_experiment_writes_a_checkpoint_into_the_run_dir(stage, tiny_checkpoints):
+    path = tiny_checkpoints[stage]
+    assert path.is_file() and path.parent.name == "checkpoints" and path.name == "last.ckpt"
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # plain types only
+    assert raw["global_step"] == 10
+    ckpt = load_stage_checkpoint(path, expected_stage=stage)
+    meta = ckpt["unclip"]
+    assert meta["stage"] == stage and meta["version"]
+    if stage == "clip":
+        assert meta["clip"]["architecture"]["embed_dim"] == 32
+        return
+    net = build_net(meta["net"])
+    net.load_state_dict(net_state_dict(ckpt["state_dict"]), strict=True)
+    assert meta["diffusion"]["num_train_timesteps"] == 1000
+    if stage != "upsampler":
+        assert meta["clip"]["embed_dim"] == 32 and len(meta["clip"]["weights_sha256"]) == 64
+        assert not any(k.startswith("clip") for k in ckpt["state_dict"])  # the frozen CLIP is not saved
+
+
+def test_wrong_stage_and_foreign_files_fail_with_a_message(tiny_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="is a 'prior' checkpoint, but a 'decoder' checkpoint is expected"):
+        load_stage_checkpoint(tiny_checkpoints["prior"], expected_stage="decoder")
+    junk = tmp_path / "junk.ckpt"
+    torch.save({"state_dict": {}}, junk)
+    with pytest.raises(ValueError, match="not an unclip stage checkpoint"):
+        load_stage_checkpoint(junk)
+    with pytest.raises(FileNotFoundError):
+        load_stage_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_safetensors_export_keeps_weights_and_metadata(tiny_checkpoints, tmp_path):
+    out = export_safetensors(tiny_checkpoints["decoder"], tmp_path / "decoder.safetensors")
+    a = load_stage_checkpoint(tiny_checkpoints["decoder"], "decoder")
+    b = load_stage_checkpoint(out, "decoder")
+    assert b["unclip"] == a["unclip"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_resume_restores_step_optimizer_and_ema(tmp_path, data_dir):
+    first = train_stage("tiny_prior", tmp_path / "run", data_dir, ["trainer.max_steps=6"])
+    ckpt = torch.load(first["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and "current_model_state" in ckpt  # EMA and training weights both kept
+    second = train_stage("tiny_prior", tmp_path / "run2", data_dir,
+                         ["trainer.max_steps=12", f"ckpt_path={first['checkpoint']}"])
+    assert second["global_step"] == 12
+    resumed = torch.load(second["checkpoint"], map_location="cpu", weights_only=True)
+    state = resumed["optimizer_states"][0]["state"]
+    assert int(next(iter(state.values()))["step"]) == 12  # AdamW continued its own step count
+
+
+def test_bad_overrides_fail_before_training(compose_cfg, tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg("train", ["experiment=tiny_prior", "model/net=no_such_preset"], tmp_path)
+    with pytest.raises((ConfigCompositionException, ConfigAttributeError, ConfigKeyError)):
+        compose_cfg("train", ["experiment=tiny_prior", "model.no_such_key=1"], tmp_path)
+    from unclip.train import train
+
+    cfg = compose_cfg("train", ["experiment=tiny_prior", "model.cond_drop_prob=1.5"], tmp_path)
+    with pytest.raises(InstantiationException, match="cond_drop_prob must be in"):
+        train(cfg)
+
+
+def test_multirun_sweep_of_a_tiny_config(tmp_path, data_dir):
+    env = {**os.environ, "UNCLIP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", "experiment=tiny_prior", "trainer.max_steps=4",
+         "model.cond_drop_prob=0.1,0.3", f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    probs = {load_stage_checkpoint(sweep / j / "checkpoints" / "last.ckpt")["unclip"]["system"]["cond_drop_prob"]
+             for j in ("0", "1")}
+    assert probs == {0.1, 0.3}
