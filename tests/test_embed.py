@@ -288,6 +288,7 @@ def test_shard_patterns_and_names(encoder, tmp_path):
     assert shard_name("/d/00001.tar") == shard_name("file:/d/00001.tar") == "00001.tar"
     assert shard_name("https://host/x/00001.tar?sig=1") == "00001.tar"
     assert shard_name("pipe:aws s3 cp s3://bucket/laion/00001.tar -") == "00001.tar"
+    assert shard_name("pipe:curl -s 'https://host/00001.tar?sig=1'") == "00001.tar"
     assert embed.sidecar_name("00001.tar") == "00001_embed.json"
 
 

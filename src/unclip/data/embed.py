@@ -73,7 +73,7 @@ def shard_name(url: str) -> str:
     """The file name of a shard URL: "/d/00001.tar", "https://h/00001.tar?x=1", "pipe:aws s3 cp s3://b/00001.tar -"
     all give "00001.tar"."""
     if url.startswith("pipe:"):
-        words = [urlparse(w).path or w for w in url[5:].split()]
+        words = [urlparse(w.strip("'\"")).path for w in url[5:].split()]
         names = [os.path.basename(w) for w in words if w.endswith(TAR_SUFFIXES)]
         if not names:
             raise ValueError(f"cannot tell the shard name in {url!r}: no word of the command ends in .tar")
@@ -241,6 +241,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_rows(array: np.ndarray) -> list[bytes]:
+    """The .npy file of each row: array (B, ...) -> B files of array[i]. The rows share one header (same dtype
+    and shape), so it is built once rather than B times."""
+    array = np.ascontiguousarray(array)
+    first = npy_bytes(array[0])
+    header = first[: len(first) - array[0].nbytes]
+    return [header + row.tobytes() for row in array]
+
+
 def tar_entry(name: str, data: bytes) -> bytes:
     """One regular-file tar member: header (ustar, PAX records only where a name needs them; mtime 0 and no
     owner, so identical inputs give identical shards), data, zero padding to the 512-byte block."""
@@ -280,8 +289,9 @@ class ShardOutput:
         for i in np.flatnonzero(~finite):
             self.skipped["nonfinite_embed"] = self.skipped.get("nonfinite_embed", 0) + 1
             log.warning("embed: skipped %s in %s: non-finite embedding", keys[i], self.path.name)
+        files = {name: npy_rows(array) for name, array in stored.items()}
         for i in np.flatnonzero(finite):
-            npys = [tar_entry(f"{keys[i]}.{name}.npy", npy_bytes(array[i])) for name, array in stored.items()]
+            npys = [tar_entry(f"{keys[i]}.{name}.npy", rows[i]) for name, rows in files.items()]
             self.file.write(b"".join([entries[i], *npys]))
         image_embed = fields["image_embed"].numpy()[finite].astype(np.float64)  # (B', D)
         unit = image_embed / np.maximum(np.linalg.norm(image_embed, axis=1, keepdims=True), 1e-12)
@@ -438,7 +448,8 @@ def precompute_embeddings(
     Args:
         shards: brace pattern, local glob, `pipe:` command, URL, or a list of these (as for WebDataModule).
         out_dir: a local folder; output shards take their input's file name.
-        caption_key, class_names, caption_templates, lowercase: captions as the data config builds them.
+        caption_key, class_names, caption_templates, lowercase: captions as the data config builds them
+            (with several templates, each sample's is drawn with a generator seeded by its key).
         batch_size: samples per CLIP forward pass (chunks never span two shards).
         num_workers: DataLoader workers decoding shards (one shard per worker at a time).
         text_tokens: also store text_tokens (L, W) and text_mask (L,).

@@ -141,11 +141,11 @@ class StageSystem(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by global norm, log it, and skip the update on a non-finite gradient, all without a host sync.
+        """Clip by global norm, log it, and skip the update on a non-finite gradient.
 
-        The fused AdamW kernel reads `optimizer.found_inf` on the device and leaves weights, moments and its
-        step count untouched when it is 1 (the mechanism AMP grad scaling uses). Other optimizers get zeroed
-        gradients instead.
+        With fused AdamW (the configs' default) this needs no host sync: the kernel reads `optimizer.found_inf`
+        on the device and leaves weights, moments and its step count untouched when it is 1 (the mechanism AMP
+        grad scaling uses). Other optimizers read the flag on the host and get no gradients for that step.
         """
         if "fsdp" in type(self.trainer.strategy).__name__.lower():  # sharded grads: Lightning's own clipping
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -158,10 +158,9 @@ class StageSystem(pl.LightningModule):
         self.nonfinite_steps += found_inf
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = found_inf
-        else:
-            keep = 1.0 - found_inf
-            torch._foreach_mul_([p.grad for p in params], keep)
-            torch._foreach_nan_to_num_([p.grad for p in params], 0.0, 0.0, 0.0)
+        elif bool(found_inf):  # other optimizers: one host read per step; without gradients they skip
+            for p in params:
+                p.grad = None
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/nonfinite_steps", self.nonfinite_steps, on_step=True, on_epoch=False)
 

@@ -77,6 +77,10 @@ class PriorSystem(StageSystem):
             raise ValueError(f"prior text_token_dim={net.config['text_token_dim']} but the CLIP encoder's tokens "
                              f"are {clip.token_dim}-d")
         stats = json.loads(open(embed_stats).read()) if embed_stats else {}
+        stats_clip = (stats.get("clip") or {}).get("weights_sha256")
+        if clip is not None and stats_clip and stats_clip != clip.identity["weights_sha256"]:
+            raise ValueError(f"{embed_stats} was computed with a different CLIP (weights_sha256 {stats_clip[:12]}...) "
+                             f"than this prior's ({clip.identity['weights_sha256'][:12]}...)")
         self.normalizer = EmbedNormalizer(embed_dim, embed_norm, stats.get("image_embed_mean"),
                                           stats.get("image_embed_std"))
         self.cond_drop_prob = cond_drop_prob

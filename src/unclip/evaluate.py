@@ -1,0 +1,323 @@
+"""`evaluate.py`: metrics for any stage checkpoint, or for a whole pipeline, against real image shards.
+
+    clip       zero-shot retrieval recall@1/@5 within groups of 100 distinct captions (+ `shapes` attributes)
+    prior      sampled vs true image embeddings: cosine, the text-embedding baseline, unrelated-caption cosine,
+               retrieval top-1/top-5 among 100 distinct captions
+    decoder    reconstructions from the true image embeddings: FID / KID / IS (Inception), CLIP score and
+               FD on CLIP features, cos(CLIP(reconstruction), embedding), ShapesEval on `shapes`
+    upsampler  from the downsampled real images: PSNR (and bicubic's), FID / KID / IS, ShapesEval
+    pipeline   text-to-image from the validation captions: FID / KID / IS, CLIP score, FD-CLIP, ShapesEval
+
+Every number comes with the sample count and settings in eval.json; eval.md holds the table. Seeds are fixed
+(sample i uses seed + i), so a run repeats on the same device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
+
+import unclip
+import unclip.config  # noqa: F401
+from unclip.checkpoint import load_stage_checkpoint
+from unclip.eval.metrics import ImageMetrics
+from unclip.eval.report import write_report
+from unclip.eval.retrieval import grouped_recall
+from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images
+from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
+from unclip.sample import _given, build_pipeline
+from unclip.systems.prior import embedding_metrics
+from unclip.utils.images import grid, save_png
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate"]
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+
+
+def _batches(cfg: DictConfig, image_size: int, lowres_size: int | None, device: torch.device,
+             clip_image_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """Validation batches of real images (finite: each sample once), at most cfg.num_samples samples."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.update(train_shards=None, val_shards=cfg.shards or data.get("val_shards"), image_size=image_size,
+                lowres_size=lowres_size, clip_image_size=clip_image_size, val_batch_size=int(cfg.batch_size),
+                num_workers=int(cfg.num_workers), resampled=False, random_crop=False, random_flip=False)
+    if not data["val_shards"]:
+        raise ValueError("no real images to evaluate against: set shards=... or data.val_shards=...")
+    dm = instantiate(data)
+    dm.prepare_data()
+    dm.setup("validate")
+    seen = 0
+    with tqdm(total=int(cfg.num_samples), desc="evaluating", unit="img") as bar:
+        for batch in dm.val_dataloader():
+            batch = dm.transfer_batch_to_device(dm.on_before_batch_transfer(batch, 0), device, 0)
+            n = min(len(batch["caption"]), int(cfg.num_samples) - seen)
+            yield {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+            seen += n
+            bar.update(n)
+            if seen >= int(cfg.num_samples):
+                break
+    counts = dm.skipped_counts()
+    if counts:
+        log.warning("skipped samples while evaluating: %s", counts)
+
+
+def _autocast(cfg: DictConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _image_metrics(cfg: DictConfig, encoder, device: torch.device) -> ImageMetrics:
+    names = [m for m in cfg.metrics if encoder is not None or m not in ("clip_score", "fd_clip")]
+    return ImageMetrics(names, encoder=encoder, eval_size=int(cfg.eval_size), inception_weights=cfg.inception_weights,
+                        allow_download=bool(cfg.allow_download), seed=int(cfg.seed), device=device)
+
+
+def _clip_for(cfg: DictConfig, identity: dict | None, stages: list[LoadedStage], device: torch.device):
+    if cfg.get("clip"):
+        clip = instantiate(cfg.clip)
+    elif identity:
+        clip = clip_from_identity(identity)
+    else:
+        return None
+    check_clip_identity(clip, stages)
+    return clip.to(device)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation the config asks for; writes eval.json / eval.md (and samples.png) to the run dir."""
+    torch.manual_seed(int(cfg.seed))
+    out_dir = Path(cfg.paths.output_dir)
+    device = _device(cfg)
+    if cfg.get("ckpt"):
+        meta = load_stage_checkpoint(cfg.ckpt)["unclip"]
+        stage = meta["stage"]
+        runner = {"clip": _eval_clip, "prior": _eval_prior, "decoder": _eval_decoder, "upsampler": _eval_upsampler}
+        metrics, extra, samples = runner[stage](cfg, device)
+        title = f"{stage} checkpoint {cfg.ckpt}"
+    elif cfg.pipeline.get("decoder"):
+        stage = "pipeline"
+        metrics, extra, samples = _eval_pipeline(cfg, device)
+        title = "pipeline " + ", ".join(f"{k}={v}" for k, v in cfg.pipeline.items() if v and k in ("prior", "decoder"))
+    else:
+        raise ValueError("nothing to evaluate: pass ckpt=<stage checkpoint> or pipeline.decoder=<checkpoint> "
+                         "(with pipeline.prior=... for text-to-image)")
+    extra = {"stage": stage, "version": unclip.__version__, "seed": int(cfg.seed), "device": str(device),
+             "shards": OmegaConf.to_container(cfg.shards or cfg.data.val_shards, resolve=True), **extra}
+    if samples:
+        extra["samples_grid"] = str(save_png(grid(samples), out_dir / "samples.png"))
+    json_path, md_path = write_report(metrics, out_dir, title, extra)
+    _log_to_loggers(cfg, metrics, extra)
+    table = "\n".join(f"{k:>24}: {v:.4f}" for k, v in metrics.items())
+    return {"metrics": metrics, "json": str(json_path), "markdown": str(md_path), "table": table, "stage": stage}
+
+
+def _log_to_loggers(cfg: DictConfig, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+    from unclip.train import instantiate_group
+
+    for logger in instantiate_group(cfg.get("logger")):
+        logger.log_hyperparams({"evaluate": OmegaConf.to_container(cfg, resolve=True)})
+        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        if hasattr(logger, "log_image") and extra.get("samples_grid"):
+            from PIL import Image
+
+            logger.log_image(key="eval/samples", images=[Image.open(extra["samples_grid"])], step=0)
+        logger.finalize("success")
+
+
+def _shapes_eval(batch: dict[str, Any]):
+    metas = batch.get("meta")
+    if metas and all(isinstance(m, dict) and "attributes" in m for m in metas):
+        from unclip.eval.shapes_eval import ShapesEval
+
+        return ShapesEval()
+    return None
+
+
+def _shapes_scores(shapes) -> dict[str, float]:
+    if shapes is None:
+        return {}
+    return {f"shapes_{k.replace('/', '_')}": float(v) for k, v in shapes.compute().items()
+            if not k.startswith("n_") and isinstance(v, (int, float)) and v == v}
+
+
+# ---------------------------------------------------------------------- stages
+def _eval_clip(cfg: DictConfig, device: torch.device):
+    from unclip.clip.encoder import ClipEncoder
+
+    clip = ClipEncoder(checkpoint=cfg.ckpt).to(device)
+    images, texts, captions, metas = [], [], [], []
+    for batch in _batches(cfg, clip.image_size, None, device):
+        with torch.no_grad(), _autocast(cfg, device):
+            images.append(clip.encode_image(batch["image"]).float())
+            texts.append(clip.encode_text(batch["caption"])["text_embed"].float())
+        captions += batch["caption"]
+        metas += batch.get("meta") or [{}] * len(batch["caption"])
+    image, text = torch.cat(images), torch.cat(texts)
+    metrics = {}
+    for name, (q, k) in {"t2i": (text, image), "i2t": (image, text)}.items():
+        metrics.update({f"{name}_r{kk}": v for kk, v in grouped_recall(q, k, captions, (1, 5), 100).items()})
+    if metas and all("attributes" in m for m in metas):
+        from unclip.eval.zero_shot import shapes_zero_shot
+
+        metrics.update(shapes_zero_shot(clip, image, metas))
+    return metrics, {"num_samples": len(captions), "clip": _identity(clip)}, None
+
+
+def _identity(clip) -> dict[str, Any]:
+    return {k: v for k, v in clip.identity.items() if k != "architecture"}
+
+
+def _eval_prior(cfg: DictConfig, device: torch.device):
+    stage = LoadedStage.load(cfg.ckpt, "prior").to(device)
+    clip = _clip_for(cfg, stage.meta.get("clip"), [stage], device)
+    from unclip.diffusion.embed_norm import EmbedNormalizer
+
+    stats = stage.meta.get("embed_stats") or {}
+    normalizer = EmbedNormalizer(stage.net.config["embed_dim"], stage.meta["system"].get("embed_norm", "l2"),
+                                 stats.get("mean"), stats.get("std")).to(device)
+    sampler = SamplerConfig.from_any(_given(cfg.prior_sampler), **stage.sampler.to_dict())
+    n_cand = cfg.num_candidates or stage.meta["system"].get("num_candidates", 2)
+    sampled, image, text, captions = [], [], [], []
+    for batch in _batches(cfg, clip.image_size, None, device):
+        with torch.no_grad(), _autocast(cfg, device):
+            enc = {k: batch[k] for k in ("text_embed", "text_tokens", "text_mask") if k in batch} or \
+                clip.encode_text(batch["caption"])
+            true = batch["image_embed"] if "image_embed" in batch else clip.encode_image(batch["image"])
+            seeds = [int(cfg.seed) + len(captions) + i for i in range(len(batch["caption"]))]
+            out = sample_image_embeds(stage.net, stage.diffusion, normalizer, enc["text_embed"].float(),
+                                      enc["text_tokens"].float(), enc["text_mask"], sampler, n_cand, seeds=seeds)
+        sampled.append(out.float())
+        image.append(F.normalize(true.float(), dim=-1))
+        text.append(F.normalize(enc["text_embed"].float(), dim=-1))
+        captions += batch["caption"]
+    metrics = embedding_metrics(torch.cat(sampled), torch.cat(image), torch.cat(text), captions)
+    extra = {"num_samples": len(captions), "sampler": sampler.to_dict(), "num_candidates": n_cand,
+             "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "clip": _identity(clip)}
+    return metrics, extra, None
+
+
+def _eval_decoder(cfg: DictConfig, device: torch.device):
+    stage = LoadedStage.load(cfg.ckpt, "decoder").to(device)
+    clip = _clip_for(cfg, stage.meta.get("clip"), [stage], device)
+    size = stage.net.config["image_size"]
+    sampler = SamplerConfig.from_any(_given(cfg.decoder_sampler), **stage.sampler.to_dict())
+    use_text = stage.meta["system"].get("use_text", False)
+    metrics_obj = _image_metrics(cfg, clip, device)
+    shapes, cosines, shown, n = None, [], [], 0
+    for batch in _batches(cfg, size, None, device, clip_image_size=clip.image_size):
+        b = len(batch["caption"])
+        with torch.no_grad(), _autocast(cfg, device):
+            embed = batch["image_embed"] if "image_embed" in batch else clip.encode_image(batch["clip_image"])
+            cond = {"image_embed": F.normalize(embed.float(), dim=-1)}
+            if use_text:
+                enc = clip.encode_text(batch["caption"])
+                cond.update(text_tokens=enc["text_tokens"].float(), text_mask=enc["text_mask"])
+            drops = DECODER_DROP if use_text else DECODER_DROP[:1]
+            samples = sample_images(stage.net, stage.diffusion, cond, (b, 3, size, size), sampler, drops,
+                                    seeds=[int(cfg.seed) + n + i for i in range(b)])
+            recon = F.normalize(clip.encode_image(samples).float(), dim=-1)
+        cosines.append((recon * cond["image_embed"]).sum(-1))
+        metrics_obj.update_real(batch["image"])
+        metrics_obj.update_fake(samples, captions=list(batch["caption"]))
+        shapes = shapes or _shapes_eval(batch)
+        if shapes is not None:
+            shapes.update(samples, batch["meta"])
+        if len(shown) < 2:
+            shown += [batch["image"][: cfg.grid_samples], samples[: cfg.grid_samples]]
+        n += b
+    metrics = {**metrics_obj.compute(), "recon_clip_cosine": float(torch.cat(cosines).mean()), **_shapes_scores(shapes)}
+    extra = {"num_samples": n, "sampler": sampler.to_dict(), **metrics_obj.metadata(),
+             "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "clip": _identity(clip)}
+    return metrics, extra, shown
+
+
+def _eval_upsampler(cfg: DictConfig, device: torch.device):
+    from unclip.systems.image import psnr, upsample
+
+    stage = LoadedStage.load(cfg.ckpt, "upsampler").to(device)
+    system = stage.meta["system"]
+    size, low = stage.net.config["image_size"], int(system["lowres_size"])
+    sampler = SamplerConfig.from_any(_given(cfg.upsampler_samplers[0]) if cfg.upsampler_samplers else {},
+                                     **stage.sampler.to_dict())
+    clip = instantiate(cfg.clip).to(device) if cfg.get("clip") else None
+    metrics_obj = _image_metrics(cfg, clip, device)
+    shapes, ours, bicubic, shown, n = None, [], [], [], 0
+    for batch in _batches(cfg, size, low, device):
+        b = len(batch["caption"])
+        lowres = batch["lowres_image"].float()
+        cond: dict[str, Any] = {"lowres_image": lowres}
+        seeds = [int(cfg.seed) + n + i for i in range(b)]
+        with torch.no_grad(), _autocast(cfg, device):
+            if stage.net.config.get("noise_level_cond"):
+                level = torch.full((b,), int(system.get("sample_noise_level", 0)), dtype=torch.long, device=device)
+                g = torch.Generator(device=device).manual_seed(seeds[0] + 17)
+                cond["lowres_image"] = stage.diffusion.q_sample(lowres, level,
+                                                                torch.randn(lowres.shape, device=device, generator=g))
+                cond["noise_level"] = level
+            samples = sample_images(stage.net, stage.diffusion, cond, (b, 3, size, size), sampler, (), seeds=seeds)
+        real = batch["image"].float()
+        base = upsample(lowres, size).clamp(-1, 1)
+        ours.append(psnr(samples, real))
+        bicubic.append(psnr(base, real))
+        metrics_obj.update_real(real)
+        metrics_obj.update_fake(samples, captions=list(batch["caption"]))
+        shapes = shapes or _shapes_eval(batch)
+        if shapes is not None:
+            shapes.update(samples, batch["meta"])
+        if len(shown) < 3:
+            shown += [base[: cfg.grid_samples], samples[: cfg.grid_samples], real[: cfg.grid_samples]]
+        n += b
+    metrics = {**metrics_obj.compute(), "psnr": float(torch.cat(ours).mean()),
+               "psnr_bicubic": float(torch.cat(bicubic).mean()), **_shapes_scores(shapes)}
+    metrics["psnr_gain_db"] = metrics["psnr"] - metrics["psnr_bicubic"]
+    extra = {"num_samples": n, "sampler": sampler.to_dict(), "lowres_size": low, **metrics_obj.metadata(),
+             "checkpoint": {"path": stage.path, "sha256": stage.sha256}}
+    return metrics, extra, shown
+
+
+def _eval_pipeline(cfg: DictConfig, device: torch.device):
+    with open_dict(cfg):
+        cfg.pipeline.device = str(device)
+    pipe = build_pipeline(cfg)
+    if pipe.prior is None:
+        raise ValueError("text-to-image evaluation needs pipeline.prior=<prior checkpoint>")
+    final = pipe.upsamplers[-1] if pipe.upsamplers else pipe.decoder
+    size = final.net.config["image_size"]
+    metrics_obj = _image_metrics(cfg, pipe.clip, device)
+    shapes, shapes_64, shown, n = None, None, [], 0
+    for batch in _batches(cfg, size, None, device):
+        b = len(batch["caption"])
+        out = pipe.text_to_image(batch["caption"], [int(cfg.seed) + n + i for i in range(b)],
+                                 prior_sampler=_given(cfg.prior_sampler) or None,
+                                 decoder_sampler=_given(cfg.decoder_sampler) or None,
+                                 upsampler_samplers=[_given(u) for u in cfg.upsampler_samplers or []],
+                                 num_candidates=cfg.num_candidates, batch_size=int(cfg.batch_size))
+        samples = out["images"].to(device)
+        metrics_obj.update_real(batch["image"])
+        metrics_obj.update_fake(samples, captions=list(batch["caption"]))
+        shapes = shapes or _shapes_eval(batch)
+        if shapes is not None:
+            shapes.update(samples, batch["meta"])
+            if final is not pipe.decoder:  # the decoder's own 64 px output is judged too
+                shapes_64 = shapes_64 or _shapes_eval(batch)
+                shapes_64.update(out["decoder"], batch["meta"])
+        if len(shown) < 2:
+            shown += [batch["image"][: cfg.grid_samples], samples[: cfg.grid_samples]]
+        n += b
+    metrics = {**metrics_obj.compute(), **_shapes_scores(shapes)}
+    metrics.update({k.replace("shapes_", "shapes_decoder_"): v for k, v in _shapes_scores(shapes_64).items()})
+    extra = {"num_samples": n, **metrics_obj.metadata(), "checkpoints": pipe.checkpoint_hashes(),
+             "clip": _identity(pipe.clip)}
+    return metrics, extra, shown
