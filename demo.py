@@ -31,7 +31,7 @@ PROMPTS = [
 
 PRESETS = {
     # experiment prefix, extra overrides per stage, evaluation samples
-    "cpu": {"prefix": "demo", "data": "shapes_demo", "overrides": {}, "eval_samples": 200},
+    "cpu": {"prefix": "demo", "data": "shapes_demo", "overrides": {}, "eval_samples": 100},
     "shapes": {
         "prefix": "shapes", "data": "shapes", "eval_samples": 1000,
         "overrides": {"clip": ["trainer.max_time=00:00:01:30"], "prior": ["trainer.max_time=00:00:01:00"],
@@ -94,7 +94,8 @@ def main() -> None:
                "metrics": report.get("metrics", report)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "=" * 72)
-    print(f"demo finished in {sum(times.values()) / 60:.1f} min  ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
+    per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+    print(f"demo finished in {sum(times.values()) / 60:.1f} min  ({per_stage})")
     print(f"  samples     {out / 'samples' / 'grid.png'}  (one PNG + JSON per caption in {out / 'samples' / 'images'})")
     print(f"  metrics     {out / 'eval' / 'eval.md'}")
     print(f"  training    {out}/<stage>/samples/*.png (validation grids), <stage>/csv/ (curves), <stage>/train.log")

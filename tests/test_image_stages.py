@@ -64,7 +64,8 @@ def test_stage_outputs_have_the_right_shapes():
 def test_dropping_all_conditioning_is_the_null_path_and_scale_one_is_conditional():
     net = nonzero_(decoder_net())
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
-    drops = {"image_embed_drop_mask": torch.ones(2, dtype=torch.bool), "text_drop_mask": torch.ones(2, dtype=torch.bool)}
+    ones = torch.ones(2, dtype=torch.bool)
+    drops = {"image_embed_drop_mask": ones, "text_drop_mask": ones}
     null_a, null_b = net(x, t, **decoder_cond(2, 0), **drops), net(x, t, **decoder_cond(2, 1), **drops)
     assert torch.allclose(null_a, null_b, atol=1e-5)
     cond = decoder_cond(2)

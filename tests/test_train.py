@@ -93,3 +93,27 @@ def test_multirun_sweep_of_a_tiny_config(tmp_path, data_dir):
     probs = {load_stage_checkpoint(sweep / j / "checkpoints" / "last.ckpt")["unclip"]["system"]["cond_drop_prob"]
              for j in ("0", "1")}
     assert probs == {0.1, 0.3}
+
+
+def test_slurm_launcher_config_composes(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", ["experiment=tiny_prior", "hydra/launcher=slurm", "trainer.devices=8",
+                                "trainer.num_nodes=2"], tmp_path)
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_.lower()
+    assert launcher.tasks_per_node == 8 and launcher.nodes == 2 and launcher.gpus_per_node == 8
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_on_cpu(tmp_path, data_dir):
+    """`trainer.devices=N` just works: two CPU processes, CLIP's loss over features gathered from both."""
+    env = {**os.environ, "UNCLIP_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=tiny_clip", "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.max_steps=6", "trainer.val_check_interval=6", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["unclip"]["stage"] == "clip"
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "val/t2i_r1" in metrics and "train/loss" in metrics

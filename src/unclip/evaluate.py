@@ -48,29 +48,38 @@ def _device(cfg: DictConfig) -> torch.device:
 
 def _batches(cfg: DictConfig, image_size: int, lowres_size: int | None, device: torch.device,
              clip_image_size: int | None = None) -> Iterator[dict[str, Any]]:
-    """Validation batches of real images (finite: each sample once), at most cfg.num_samples samples."""
+    """Validation batches of real images (finite: each sample once), at most cfg.num_samples samples.
+
+    With several shard patterns (e.g. `shapes`' in-distribution and held-out splits) the samples are shared
+    equally between them, so every split is represented.
+    """
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.update(train_shards=None, val_shards=cfg.shards or data.get("val_shards"), image_size=image_size,
-                lowres_size=lowres_size, clip_image_size=clip_image_size, val_batch_size=int(cfg.batch_size),
-                num_workers=int(cfg.num_workers), resampled=False, random_crop=False, random_flip=False)
-    if not data["val_shards"]:
+    specs = cfg.shards or data.get("val_shards")
+    if not specs:
         raise ValueError("no real images to evaluate against: set shards=... or data.val_shards=...")
-    dm = instantiate(data)
-    dm.prepare_data()
-    dm.setup("validate")
-    seen = 0
-    with tqdm(total=int(cfg.num_samples), desc="evaluating", unit="img") as bar:
-        for batch in dm.val_dataloader():
-            batch = dm.transfer_batch_to_device(dm.on_before_batch_transfer(batch, 0), device, 0)
-            n = min(len(batch["caption"]), int(cfg.num_samples) - seen)
-            yield {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
-            seen += n
-            bar.update(n)
-            if seen >= int(cfg.num_samples):
-                break
-    counts = dm.skipped_counts()
-    if counts:
-        log.warning("skipped samples while evaluating: %s", counts)
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    total = int(cfg.num_samples)
+    budgets = [total // len(specs) + (i < total % len(specs)) for i in range(len(specs))]
+    with tqdm(total=total, desc="evaluating", unit="img") as bar:
+        for spec, budget in zip(specs, budgets):
+            data.update(train_shards=None, val_shards=spec, image_size=image_size, lowres_size=lowres_size,
+                        clip_image_size=clip_image_size, val_batch_size=int(cfg.batch_size),
+                        num_workers=int(cfg.num_workers), resampled=False, random_crop=False, random_flip=False)
+            dm = instantiate(data)
+            dm.prepare_data()
+            dm.setup("validate")
+            seen = 0
+            for batch in dm.val_dataloader():
+                batch = dm.transfer_batch_to_device(dm.on_before_batch_transfer(batch, 0), device, 0)
+                n = min(len(batch["caption"]), budget - seen)
+                yield {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+                seen += n
+                bar.update(n)
+                if seen >= budget:
+                    break
+            counts = dm.skipped_counts()
+            if counts:
+                log.warning("skipped samples while evaluating %s: %s", spec, counts)
 
 
 def _autocast(cfg: DictConfig, device: torch.device):

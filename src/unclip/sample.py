@@ -206,7 +206,7 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
         image = load_image(td.image, max(pipe.decoder.net.config["image_size"], pipe.clip.image_size))
         out = pipe.text_diff(image, td.source, td.target, list(td.thetas), progress=True)
         rows.append(out["images"])
-        for j, (theta, img) in enumerate(zip(td.thetas, out["images"])):
+        for theta, img in zip(td.thetas, out["images"]):
             records.append((f"theta{theta:.2f}", img, {"image": td.image, "source": td.source, "target": td.target,
                                                       "theta": float(theta)}))
     else:

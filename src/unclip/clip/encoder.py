@@ -155,8 +155,10 @@ class ClipEncoder(nn.Module):
         preprocess = open_clip.get_model_preprocess_cfg(self.model)
         size = preprocess.get("size") or 224
         self.image_size = int(size if isinstance(size, int) else size[0])
-        self.register_buffer("image_mean", torch.tensor(preprocess.get("mean") or OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(preprocess.get("std") or OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        mean = torch.tensor(preprocess.get("mean") or OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(preprocess.get("std") or OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        self.register_buffer("image_mean", mean, persistent=False)
+        self.register_buffer("image_std", std, persistent=False)
 
         if architecture is not None:
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(

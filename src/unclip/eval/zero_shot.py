@@ -9,7 +9,8 @@ Two-object scenes are left out (a colour prompt would be ambiguous there).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
