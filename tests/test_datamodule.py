@@ -452,3 +452,10 @@ def test_ddp_ranks_receive_disjoint_shards(tmp_path: Path) -> None:
     assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == 2
     assert sorted(ranks[0]["keys"] + ranks[1]["keys"]) == sorted(keys)
     assert [rank["seen"] for rank in ranks] == [8, 8]
+
+
+def test_imagenet_class_names_come_from_open_clip():
+    from unclip.data.text import resolve_class_names
+
+    names = resolve_class_names("imagenet")
+    assert len(names) == 1000 and names[0] == "tench" and all(isinstance(n, str) and n for n in names)

@@ -34,7 +34,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClipEncoder", "PretrainedUnavailableError", "state_dict_sha256"]
+__all__ = ["ClipEncoder", "PretrainedUnavailableError", "state_dict_sha256", "imagenet_class_names"]
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names open_clip uses for zero-shot prompts (captions for `.cls` shards)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
 
 
 class PretrainedUnavailableError(RuntimeError):

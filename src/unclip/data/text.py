@@ -32,9 +32,9 @@ def resolve_class_names(class_names: Sequence[str] | str | None) -> list[str] | 
     if isinstance(class_names, str):
         if class_names != "imagenet":
             raise ValueError(f"class_names must be a list of names or the string 'imagenet', got {class_names!r}")
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # heavy import, only when asked for
+        from unclip.clip.encoder import imagenet_class_names  # imports open_clip: only when asked for
 
-        return list(IMAGENET_CLASSNAMES)
+        return imagenet_class_names()
     return [str(name) for name in class_names]
 
 
