@@ -137,3 +137,27 @@ def test_sample_script_rejects_empty_prompts(tiny_checkpoints, compose_cfg, tmp_
                                  f"pipeline.decoder={tiny_checkpoints['decoder']}", "prompts=[a,'']"], tmp_path)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sample(cfg)
+
+
+@pytest.mark.parametrize("mode", ["variations", "interpolate", "text_diff"])
+def test_sample_script_manipulation_modes(mode, pipe, tiny_checkpoints, compose_cfg, tmp_path):
+    from unclip.utils.images import save_png, to_uint8
+
+    images = fast(pipe, PROMPTS, [0, 1], stop_at="decoder")["images"]
+    paths = [save_png(to_uint8(img), tmp_path / f"in{i}.png") for i, img in enumerate(images)]
+    overrides = [f"pipeline.decoder={tiny_checkpoints['decoder']}", f"pipeline.prior={tiny_checkpoints['prior']}",
+                 f"mode={mode}", "decoder_sampler.num_steps=3"]
+    overrides += {
+        "variations": [f"images=[{paths[0]},{paths[1]}]", "variations.num=2"],
+        "interpolate": [f"interpolate.start={paths[0]}", "interpolate.end='a blue square'", "interpolate.num_frames=3"],
+        "text_diff": [f"text_diff.image={paths[0]}", "text_diff.source='a red circle'",
+                      "text_diff.target='a blue circle'", "text_diff.thetas=[0.0,0.5]"],
+    }[mode]
+    cfg = compose_cfg("sample", overrides, tmp_path / "run")
+    result = sample(cfg)
+    expected = {"variations": 4, "interpolate": 3, "text_diff": 2}[mode]
+    pngs = sorted((tmp_path / "run" / "images").glob("*.png"))
+    assert len(pngs) == expected and len(result["files"]) == expected
+    assert (tmp_path / "run" / "grid.png").is_file()
+    record = json.loads(pngs[0].with_suffix(".json").read_text())
+    assert record["mode"] == mode and "decoder" in record["checkpoints"]
