@@ -8,7 +8,7 @@ Rows (`--rows peer path`):
     peer   prior g=1, g=2   64 embeddings (one candidate each), 64 DDIM steps, guidance 1.0 and 2.0
            decoder g=3.5    16 images at the decoder's size, 64 DDIM steps, guidance 3.5
     path   "16 captions -> 256 px" with each stage's own sampler (conf/model/<stage>.yaml): prior (64 steps,
-           2 candidates, best by text similarity), decoder (50 steps, guidance 3), upsampler (27 steps), and
+           2 candidates, best by text similarity), decoder (50 steps, guidance 3), upsampler (25 steps), and
            their sum
 Each row calls what the pipeline calls, `unclip.generate.sample_image_embeds` / `sample_images` (guidance as one
 batched forward through `guided_denoiser`, one seeded generator per sample), with random conditioning in

@@ -235,7 +235,7 @@ def test_sampling_default_work():
         ("path", "upsampler"): (settings["upsampler"]["num_steps"], settings["upsampler"]["cond_scale"], 4),
     }
     assert (settings["prior"]["num_steps"], settings["decoder"]["num_steps"], settings["upsampler"]["num_steps"]) == (
-        64, 50, 27)
+        64, 50, 25)
 
 
 def test_sampling_sync_split(monkeypatch):

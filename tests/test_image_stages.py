@@ -188,3 +188,19 @@ def test_samples_come_from_the_ema_weights(tmp_path, compose_cfg):
                 if k.startswith("module.net.")}
     assert seen and all(torch.equal(seen[k], averaged[k]) for k in averaged)
     assert (tmp_path / "samples" / "decoder_step0000004.png").is_file()
+
+
+def test_upsampler_conditioning_noise_is_drawn_at_the_target_size():
+    from unclip.generate import upsampler_cond
+
+    diffusion = GaussianDiffusion()
+    lowres = torch.zeros(2, 3, 8, 8)
+    cond = upsampler_cond(lowres, 32, diffusion, 500, seeds=[0, 1])
+    assert cond["lowres_image"].shape == (2, 3, 32, 32) and cond["noise_level"].tolist() == [500, 500]
+    noise = cond["lowres_image"] / diffusion.sqrt_one_minus_alphas_cumprod[500]
+    assert abs(float(noise.std()) - 1.0) < 0.05  # i.i.d. unit noise at full size, not upsampled 8 px noise
+    neighbours = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
+    assert abs(float(neighbours)) < 0.1
+    again = upsampler_cond(lowres, 32, diffusion, 500, seeds=[0, 1])
+    assert torch.equal(again["lowres_image"], cond["lowres_image"])  # per-sample seeds
+    assert torch.equal(upsampler_cond(lowres, 32)["lowres_image"], torch.zeros(2, 3, 32, 32))  # no augmentation

@@ -82,7 +82,7 @@ def test_variations_interpolation_and_text_diff(pipe):
     diff = pipe.text_diff(images[0], "a red circle", "a blue circle", thetas=[0.0, 0.3], num_steps=4)
     assert diff["images"].shape == (2, 3, 32, 32)
     x_T = pipe.invert(images[:1], num_steps=4)
-    recon = pipe.decode(pipe.image_embeds(images[:1]), None, [0], pipe._ddim(0.0, 4, 1.0), x_T=x_T)
+    recon = pipe.decode(pipe.image_embeds(images[:1]), None, [0], pipe._ddim(0.0, 4, 1.0, "none"), x_T=x_T)
     assert torch.allclose(diff["images"][0], recon[0], atol=1e-5)  # theta = 0: the inversion's reconstruction
     assert not torch.allclose(diff["images"][1], recon[0])
 

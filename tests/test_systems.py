@@ -75,3 +75,11 @@ def test_warmup_then_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(1.0)
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b - 1e-9 for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after warm-up
+
+
+def test_every_rank_and_every_resume_gets_its_own_random_stream():
+    from unclip.systems.base import stream_seed
+
+    seeds = {stream_seed(0, rank, step) for rank in range(8) for step in (0, 1000, 2000)}
+    assert len(seeds) == 24
+    assert stream_seed(1, 0, 0) != stream_seed(0, 0, 0)

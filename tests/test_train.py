@@ -59,6 +59,8 @@ def test_resume_restores_step_optimizer_and_ema(tmp_path, data_dir):
     first = train_stage("tiny_prior", tmp_path / "run", data_dir, ["trainer.max_steps=6"])
     ckpt = torch.load(first["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and "current_model_state" in ckpt  # EMA and training weights both kept
+    ema, live = net_state_dict(ckpt["state_dict"]), net_state_dict(ckpt["current_model_state"])
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)  # the final save keeps the training weights too
     second = train_stage("tiny_prior", tmp_path / "run2", data_dir,
                          ["trainer.max_steps=12", f"ckpt_path={first['checkpoint']}"])
     assert second["global_step"] == 12

@@ -42,7 +42,8 @@ class EMA(WeightAveraging):
 
     Lightning's weight averaging swaps the averaged weights in for validation and writes them as the
     checkpoint's `state_dict` (the training weights go to `current_model_state`, so resuming continues
-    both). Beyond Lightning's fixed-decay EMA this one (a) warms the decay up, decay_n = min(decay,
+    both; unlike Lightning's, the live weights stay the training ones after fit, so the final `last.ckpt`
+    resumes correctly). Beyond Lightning's fixed-decay EMA this one (a) warms the decay up, decay_n = min(decay,
     (1 + n) / (10 + n)) after n updates, so short runs are not dominated by the random initialisation (0.9999
     remembers ~10k steps), and (b) updates without reading anything back from the GPU.
 
@@ -70,6 +71,10 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.update_every_n_steps == 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the training weights live (Lightning would copy the average in): a checkpoint saved after fit
+        then still holds both, so resuming from it continues from the training weights, not the average."""
 
 
 class DataStatsLogger(pl.Callback):

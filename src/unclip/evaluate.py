@@ -31,7 +31,7 @@ from unclip.checkpoint import load_stage_checkpoint
 from unclip.eval.metrics import ImageMetrics
 from unclip.eval.report import write_report
 from unclip.eval.retrieval import grouped_recall
-from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images
+from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images, upsampler_cond
 from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
 from unclip.sample import _given, build_pipeline
 from unclip.systems.prior import embedding_metrics
@@ -201,8 +201,9 @@ def _eval_prior(cfg: DictConfig, device: torch.device):
     sampled, image, text, captions = [], [], [], []
     for batch in _batches(cfg, clip.image_size, None, device):
         with torch.no_grad(), _autocast(cfg, device):
-            enc = {k: batch[k] for k in ("text_embed", "text_tokens", "text_mask") if k in batch} or \
-                clip.encode_text(batch["caption"])
+            fields = ("text_embed", "text_tokens", "text_mask")
+            enc = ({k: batch[k] for k in fields} if all(k in batch for k in fields)
+                   else clip.encode_text(batch["caption"]))
             true = batch["image_embed"] if "image_embed" in batch else clip.encode_image(batch["image"])
             seeds = [int(cfg.seed) + len(captions) + i for i in range(len(batch["caption"]))]
             out = sample_image_embeds(stage.net, stage.diffusion, normalizer, enc["text_embed"].float(),
@@ -266,15 +267,10 @@ def _eval_upsampler(cfg: DictConfig, device: torch.device):
     for batch in _batches(cfg, size, low, device):
         b = len(batch["caption"])
         lowres = batch["lowres_image"].float()
-        cond: dict[str, Any] = {"lowres_image": lowres}
         seeds = [int(cfg.seed) + n + i for i in range(b)]
+        level = int(system.get("sample_noise_level", 0)) if stage.net.config.get("noise_level_cond") else None
+        cond = upsampler_cond(lowres, size, stage.diffusion, level, seeds=seeds)
         with torch.no_grad(), _autocast(cfg, device):
-            if stage.net.config.get("noise_level_cond"):
-                level = torch.full((b,), int(system.get("sample_noise_level", 0)), dtype=torch.long, device=device)
-                g = torch.Generator(device=device).manual_seed(seeds[0] + 17)
-                cond["lowres_image"] = stage.diffusion.q_sample(lowres, level,
-                                                                torch.randn(lowres.shape, device=device, generator=g))
-                cond["noise_level"] = level
             samples = sample_images(stage.net, stage.diffusion, cond, (b, 3, size, size), sampler, (), seeds=seeds)
         real = batch["image"].float()
         base = upsample(lowres, size).clamp(-1, 1)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +20,11 @@ from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import guided_denoiser, make_generators, sample_loop
 
-__all__ = ["SamplerConfig", "sample_image_embeds", "sample_images", "PRIOR_DROP", "DECODER_DROP", "rerank"]
+__all__ = ["SamplerConfig", "sample_image_embeds", "sample_images", "upsampler_cond", "PRIOR_DROP", "DECODER_DROP",
+           "rerank"]
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[int, int]] = set()
 
 PRIOR_DROP = ("cond_drop_mask",)
 DECODER_DROP = ("image_embed_drop_mask", "text_drop_mask")
@@ -52,6 +57,12 @@ class SamplerConfig:
         return asdict(self)
 
     def scheduler(self, diffusion: GaussianDiffusion):
+        steps, total = int(self.num_steps), diffusion.num_timesteps
+        if self.name == "ddim" and total % steps and (total, steps) not in _WARNED:
+            _WARNED.add((total, steps))
+            log.warning("DDIM with %d steps: diffusers' DDIM steps from t to t - %d, which is not always the next "
+                        "timestep it evaluates when %d is not a multiple of the step count; a divisor (25, 40, 50, "
+                        "125) or sampler dpmpp is exact", steps, total // steps, total)
         return diffusion.make_scheduler(self.name, thresholding=self.thresholding, **self.extra)
 
 
@@ -60,7 +71,8 @@ def rerank(candidates: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
 
     candidates (B, N, D) unit vectors, text_embed (B, D) -> (B, D).
     """
-    scores = torch.einsum("bnd,bd->bn", candidates, F.normalize(text_embed.float(), dim=-1))
+    with torch.autocast(candidates.device.type, enabled=False):  # near-ties must not be decided in bf16
+        scores = torch.einsum("bnd,bd->bn", candidates.float(), F.normalize(text_embed.float(), dim=-1))
     best = scores.argmax(dim=1)  # (B,)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
 
@@ -101,6 +113,33 @@ def sample_image_embeds(
                      progress=progress, desc="prior")
     candidates = normalizer.decode(x0).view(b, n, -1)
     return rerank(candidates, text_embed)
+
+
+def upsampler_cond(lowres: torch.Tensor, image_size: int, diffusion: GaussianDiffusion | None = None,
+                   noise_level: int | torch.Tensor | None = None, seeds: Sequence[int] | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """An upsampler's conditioning: the low-res image resized to the target size (as the UNet resizes it),
+    then, for nets trained with noise augmentation, noised to `noise_level` at the target size and the level
+    itself (Ho et al. 2022, "Cascaded Diffusion Models", sec. 4.1). Training, validation, the pipeline and
+    evaluation all build it here, so the net sees the same kind of noise everywhere.
+
+    lowres (B, C, h, w) in [-1, 1] -> {"lowres_image": (B, C, S, S)[, "noise_level": (B,) long]}.
+    Noise comes from per-sample `seeds` (reproducible per image) or `generator`.
+    """
+    from unclip.nets.unet import resize_lowres
+
+    up = resize_lowres(lowres.float(), (image_size, image_size))
+    if diffusion is None or noise_level is None:
+        return {"lowres_image": up}
+    b = up.shape[0]
+    level = noise_level if isinstance(noise_level, torch.Tensor) else torch.full((b,), int(noise_level))
+    level = level.to(device=up.device, dtype=torch.long)
+    if seeds is not None:
+        gens = make_generators([int(s) + 17 for s in seeds], up.device)
+        noise = torch.stack([torch.randn(up.shape[1:], generator=g, device=up.device) for g in gens])
+    else:
+        noise = torch.randn(up.shape, generator=generator, device=up.device)
+    return {"lowres_image": diffusion.q_sample(up, level, noise), "noise_level": level}
 
 
 @torch.no_grad()

@@ -30,8 +30,8 @@ from unclip.checkpoint import build_net, load_stage_checkpoint, net_state_dict
 from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
-from unclip.diffusion.sampling import ddim_invert, guided_denoiser, make_generators
-from unclip.generate import SamplerConfig, sample_image_embeds, sample_images
+from unclip.diffusion.sampling import ddim_invert, guided_denoiser
+from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsampler_cond
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +150,9 @@ class UnCLIPPipeline:
             upsamplers = [upsamplers]
         dec = LoadedStage.load(decoder, "decoder")
         pri = LoadedStage.load(prior, "prior") if prior else None
-        ups = [LoadedStage.load(p, "upsampler", name="upsampler" if i == 0 else f"upsampler_{i + 1}")
-               for i, p in enumerate(upsamplers or [])]
+        ups = [LoadedStage.load(p, "upsampler") for p in upsamplers or []]
+        for stage in ups[1:]:  # "upsampler", then "upsampler_<size>" (e.g. upsampler_1024)
+            stage.name = f"upsampler_{stage.net.config['image_size']}"
         for a, b in zip([dec, *ups], ups):
             size_a, low_b = a.net.config["image_size"], b.meta["system"].get("lowres_size")
             if low_b is not None and low_b != size_a:
@@ -246,21 +247,16 @@ class UnCLIPPipeline:
                                  progress=progress, desc="decoder")
 
     def upsample(self, images: torch.Tensor, seeds: Sequence[int], samplers: Sequence[SamplerConfig | None] = (),
-                 progress: bool = False) -> list[torch.Tensor]:
-        """Run the upsamplers in turn; returns each one's output."""
+                 progress: bool = False, count: int | None = None) -> list[torch.Tensor]:
+        """Run the first `count` upsamplers (all by default) in turn; returns each one's output."""
         outs = []
-        for i, stage in enumerate(self.upsamplers):
+        for i, stage in enumerate(self.upsamplers[:count]):
             sampler = (samplers[i] if i < len(samplers) else None) or stage.sampler
             system = stage.meta["system"]
-            stage_name = "upsampler" if i == 0 else "upsampler_1024"
-            cond: dict[str, Any] = {"lowres_image": images.float()}
-            if stage.net.config.get("noise_level_cond"):  # noise augmentation at its sampling level, seeded
-                level = torch.full((images.shape[0],), int(system.get("sample_noise_level", 0)),
-                                   dtype=torch.long, device=images.device)
-                gens = make_generators([s + 17 for s in self.stage_seeds(seeds, stage_name)], images.device)
-                noise = torch.stack([torch.randn(images.shape[1:], generator=g, device=images.device) for g in gens])
-                cond["lowres_image"] = stage.diffusion.to(images.device).q_sample(images.float(), level, noise)
-                cond["noise_level"] = level
+            stage_name = "upsampler" if i == 0 else "upsampler_1024"  # seed offsets
+            level = int(system.get("sample_noise_level", 0)) if stage.net.config.get("noise_level_cond") else None
+            cond = upsampler_cond(images, stage.net.config["image_size"], stage.diffusion.to(images.device), level,
+                                  seeds=self.stage_seeds(seeds, stage_name))
             with self._on_device(stage) as s:
                 images = sample_images(s.net, s.diffusion, cond, self._image_shape(s, len(seeds)), sampler, (),
                                        seeds=self.stage_seeds(seeds, stage_name),
@@ -279,10 +275,13 @@ class UnCLIPPipeline:
         """Captions -> {"image_embed": (N, D), "decoder": (N, 3, 64, 64), "upsampler": ..., "images": final}.
 
         seeds: one per prompt (default 0..N-1); the same seed gives the same image on the same device.
-        stop_at: "prior", "decoder" or "upsampler" ends the pipeline after that stage.
+        stop_at: "prior", "decoder" or an upsampler's name ("upsampler", "upsampler_1024") ends the pipeline
+        after that stage.
         """
-        if stop_at not in (None, "prior", "decoder", "upsampler", "upsampler_1024"):
-            raise ValueError(f"stop_at must be prior, decoder, upsampler or upsampler_1024, got {stop_at!r}")
+        names = [s.name for s in self.upsamplers]
+        if stop_at not in (None, "prior", "decoder", *names):
+            raise ValueError(f"stop_at must be one of prior, decoder, {', '.join(names) or '(no upsamplers)'}; "
+                             f"got {stop_at!r}")
         prompts = list(prompts)
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(prompts):
@@ -291,7 +290,7 @@ class UnCLIPPipeline:
         dec_cfg = SamplerConfig.from_any(decoder_sampler, **self.decoder.sampler.to_dict())
         up_cfgs = [SamplerConfig.from_any(u, **s.sampler.to_dict())
                    for u, s in zip(list(upsampler_samplers) + [None] * len(self.upsamplers), self.upsamplers)]
-        n_up = {None: len(self.upsamplers), "upsampler": 1, "upsampler_1024": 2}.get(stop_at, 0)
+        n_up = len(self.upsamplers) if stop_at is None else (names.index(stop_at) + 1 if stop_at in names else 0)
         out: dict[str, list[torch.Tensor]] = {"image_embed": [], "decoder": []}
         for start in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
@@ -303,7 +302,8 @@ class UnCLIPPipeline:
             images = self.decode(embeds, text, chunk_seeds, dec_cfg, progress=progress)
             out["decoder"].append(images.cpu())
             if n_up:
-                for stage, up in zip(self.upsamplers[:n_up], self.upsample(images, chunk_seeds, up_cfgs, progress)):
+                ups = self.upsample(images, chunk_seeds, up_cfgs, progress, count=n_up)
+                for stage, up in zip(self.upsamplers, ups):
                     out.setdefault(stage.name, []).append(up.cpu())
         result: dict[str, Any] = {k: torch.cat(v) for k, v in out.items() if v}
         final = [k for k in ("decoder", *[s.name for s in self.upsamplers]) if k in result]
@@ -334,11 +334,14 @@ class UnCLIPPipeline:
             return ddim_invert(denoise, x, stage.diffusion.config, num_steps or self.decoder.sampler.num_steps,
                                progress=progress)
 
-    def _ddim(self, eta: float, num_steps: int | None, cond_scale: float | None) -> SamplerConfig:
+    def _ddim(self, eta: float, num_steps: int | None, cond_scale: float | None,
+              thresholding: str | None = None) -> SamplerConfig:
+        """DDIM at the decoder's settings; decodes that start from an inverted latent pass thresholding="none"
+        so they integrate the same ODE the inversion ran backwards."""
         base = self.decoder.sampler
         return SamplerConfig(name="ddim", num_steps=num_steps or base.num_steps, eta=eta,
                              cond_scale=base.cond_scale if cond_scale is None else cond_scale,
-                             thresholding=base.thresholding)
+                             thresholding=base.thresholding if thresholding is None else thresholding)
 
     @torch.no_grad()
     def variations(self, images: torch.Tensor, num_variations: int = 4, seed: int = 0, eta: float = 1.0,
@@ -355,8 +358,8 @@ class UnCLIPPipeline:
         outs = []
         for j in range(num_variations):
             seeds = [seed + 7919 * j + i for i in range(b)]
-            outs.append(self.decode(z, None, seeds, self._ddim(eta, num_steps, cond_scale), x_T=x_T,
-                                    progress=progress))
+            sampler = self._ddim(eta, num_steps, cond_scale, "none" if invert else None)
+            outs.append(self.decode(z, None, seeds, sampler, x_T=x_T, progress=progress))
         return torch.stack(outs, dim=1)
 
     @torch.no_grad()
@@ -366,6 +369,8 @@ class UnCLIPPipeline:
         """Frames between two images (3, H, W) or two prompts: slerp of their image embeddings, decoder noise
         fixed (sec. 3.2). Returns {"image_embed": (F, D), "images": (F, 3, h, w)}; frame 0 and frame F-1
         carry exactly the two inputs' embeddings."""
+        if num_frames < 2:
+            raise ValueError(f"an interpolation needs at least 2 frames (its two ends), got {num_frames}")
         za, zb = (self._embed_of(x, seed) for x in (a, b))
         weights = torch.linspace(0, 1, num_frames, device=self.device)
         z = torch.stack([slerp(za, zb, w) for w in weights])
@@ -399,10 +404,11 @@ class UnCLIPPipeline:
         z_i = self.image_embeds(image)  # (1, D)
         x_T = self.invert(image, z_i, num_steps, progress)
         enc = self.encode_text([source, target])
-        diff = F.normalize(enc["text_embed"][1] - enc["text_embed"][0], dim=-1).to(self.device)
+        text = F.normalize(enc["text_embed"].float(), dim=-1)  # directions, whatever the captions' norms
+        diff = F.normalize(text[1] - text[0], dim=-1).to(self.device)
         z = torch.stack([slerp(z_i[0], diff, t) if t > 0 else z_i[0] for t in thetas])
         n = len(thetas)
-        images = self.decode(z, None, [0] * n, self._ddim(0.0, num_steps, 1.0 if cond_scale is None else cond_scale),
-                             x_T=x_T.expand(n, -1, -1, -1), progress=progress)
+        sampler = self._ddim(0.0, num_steps, 1.0 if cond_scale is None else cond_scale, "none")
+        images = self.decode(z, None, [0] * n, sampler, x_T=x_T.expand(n, -1, -1, -1), progress=progress)
         return {"image_embed": z.cpu(), "images": images.cpu()}
 

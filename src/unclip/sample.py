@@ -179,23 +179,32 @@ def _input(value: str, pipe: UnCLIPPipeline) -> torch.Tensor | str:
 
 def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, common: dict) -> dict[str, Any]:
     files, rows, records = [], [], []
+    # the manipulations decode with DDIM; steps and guidance from decoder_sampler (else the decoder's defaults;
+    # text diffs default to guidance 1, like the inversion they start from)
+    given = _given(cfg.decoder_sampler)
+    steps, scale = given.get("num_steps"), given.get("cond_scale")
+    default_scale = 1.0 if cfg.mode == "text_diff" else pipe.decoder.sampler.cond_scale
+    decoder_sampler = {"name": "ddim", "num_steps": steps or pipe.decoder.sampler.num_steps,
+                       "cond_scale": default_scale if scale is None else scale}
     if cfg.mode == "variations":
         if not cfg.images:
             raise ValueError("variations need input images: images=[path, ...]")
         size = pipe.decoder.net.config["image_size"]
         src = torch.stack([load_image(p, max(size, pipe.clip.image_size)) for p in cfg.images])
         out = pipe.variations(src, int(cfg.variations.num), seed=int(cfg.seed), eta=float(cfg.variations.eta),
-                              invert=bool(cfg.variations.invert), progress=True)
+                              invert=bool(cfg.variations.invert), num_steps=steps, cond_scale=scale, progress=True)
         for i, path in enumerate(cfg.images):
             rows.append(torch.cat([F.interpolate(src[i:i + 1], size=(size, size), mode="area"), out[i]]))
             for j in range(out.shape[1]):
-                records.append((f"{Path(path).stem}_var{j}", out[i, j], {"source": str(path), "variation": j}))
+                records.append((f"{Path(path).stem}_var{j}", out[i, j], {
+                    "source": str(path), "variation": j, "decoder_seed": int(cfg.seed) + 7919 * j + i,
+                    "eta": float(cfg.variations.eta), "invert": bool(cfg.variations.invert)}))
     elif cfg.mode == "interpolate":
         start, end = cfg.interpolate.start, cfg.interpolate.end
         if not start or not end:
             raise ValueError("interpolation needs interpolate.start and interpolate.end (prompts or image files)")
         out = pipe.interpolate(_input(start, pipe), _input(end, pipe), int(cfg.interpolate.num_frames),
-                               seed=int(cfg.seed), progress=True)
+                               seed=int(cfg.seed), num_steps=steps, cond_scale=scale, progress=True)
         rows.append(out["images"])
         for j, img in enumerate(out["images"]):
             records.append((f"frame{j:02d}", img, {"start": start, "end": end, "frame": j}))
@@ -204,7 +213,8 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
         if not (td.image and td.source and td.target):
             raise ValueError("text diffs need text_diff.image, text_diff.source and text_diff.target")
         image = load_image(td.image, max(pipe.decoder.net.config["image_size"], pipe.clip.image_size))
-        out = pipe.text_diff(image, td.source, td.target, list(td.thetas), progress=True)
+        out = pipe.text_diff(image, td.source, td.target, list(td.thetas), num_steps=steps, cond_scale=scale,
+                             progress=True)
         rows.append(out["images"])
         for theta, img in zip(td.thetas, out["images"]):
             records.append((f"theta{theta:.2f}", img, {"image": td.image, "source": td.source, "target": td.target,
@@ -214,7 +224,8 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
     for i, (name, img, extra) in enumerate(records):
         fname = safe_filename(name, i, int(cfg.max_filename_chars), suffix="")
         path = save_png(to_uint8(img), safe_path(images_dir, fname + ".png"))
-        _sidecar(safe_path(images_dir, fname + ".json"), {**common, **extra, "seed": int(cfg.seed), "image": path.name})
+        record = {**common, **extra, "seed": int(cfg.seed), "image": path.name, "decoder_sampler": decoder_sampler}
+        _sidecar(safe_path(images_dir, fname + ".json"), record)
         files.append(path)
     grid_path = save_png(grid(rows), out_dir / "grid.png")
     log.info("wrote %d images to %s (grid: %s)", len(files), images_dir, grid_path)

@@ -174,10 +174,13 @@ class ClipEncoder(nn.Module):
         else:
             self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length = int(getattr(self.model, "context_length", self.tokenizer.context_length))
-        self.embed_dim = int(self.model.text_projection.shape[-1] if hasattr(self.model, "text_projection")
-                             else architecture["embed_dim"])
+        with torch.no_grad():  # the embedding size as the model reports it, whatever its projection's type
+            self.embed_dim = int(self.model.encode_text(self.tokenizer(["a"])).shape[-1])
         self.token_dim = int(self.model.ln_final.normalized_shape[0]) if hasattr(self.model, "ln_final") else None
-        self.pad_token_id = 0
+        pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)  # HF tokenizers
+        self.pad_token_id = 0 if pad is None else int(pad)  # open_clip's BPE tokenizer pads with 0
+        self.resize_mode = preprocess.get("resize_mode", "shortest")
+        self.interpolation = preprocess.get("interpolation", "bicubic")
         self.trainable = trainable
         self.identity = {
             "model_name": model_name,
@@ -256,15 +259,30 @@ class ClipEncoder(nn.Module):
 
     # ------------------------------------------------------------------ images
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W), any size -> CLIP input (B, 3, S, S), normalised with CLIP's mean/std."""
+        """Images in [-1, 1] (B, 3, H, W), any size -> CLIP input (B, 3, S, S), normalised with CLIP's mean/std.
+
+        Follows the model's open_clip preprocessing: resize mode "shortest" (shorter side to S, center crop;
+        the default), "longest" (longer side to S, padded) or "squash", with its interpolation.
+        """
         x = (images.float() + 1) / 2
-        if x.shape[-2:] != (self.image_size, self.image_size):
+        s = self.image_size
+        if x.shape[-2:] != (s, s):
             h, w = x.shape[-2:]
-            scale = self.image_size / min(h, w)
-            size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-            top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-            x = x[..., top : top + self.image_size, left : left + self.image_size]
+            mode = "bilinear" if self.interpolation == "bilinear" else "bicubic"
+            resize = lambda y, size: F.interpolate(y, size=size, mode=mode, antialias=True, align_corners=False)  # noqa: E731
+            if self.resize_mode == "squash":
+                x = resize(x, (s, s))
+            elif self.resize_mode == "longest":
+                scale = s / max(h, w)
+                x = resize(x, (min(s, round(h * scale)), min(s, round(w * scale))))
+                ph, pw = s - x.shape[-2], s - x.shape[-1]
+                x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+            else:
+                scale = s / min(h, w)
+                size = (max(s, round(h * scale)), max(s, round(w * scale)))
+                x = resize(x, size)
+                top, left = (size[0] - s) // 2, (size[1] - s) // 2
+                x = x[..., top : top + s, left : left + s]
         return (x.clamp(0, 1) - self.image_mean) / self.image_std
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class ClipSystem(StageSystem):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.max_logit_scale = max_logit_scale
-        self.loss_fn = None
+        self.loss_fn = self.val_loss_fn = None
         self.save_hyperparameters(ignore=["encoder", "optimizer"])
         self._val: dict[str, list] = {}
 
@@ -66,6 +66,9 @@ class ClipSystem(StageSystem):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self.loss_fn = ClipLoss(local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                                 cache_labels=True, rank=rank, world_size=world)
+        # Validation batches differ between ranks (finite shards, a partial last batch): no gathering there;
+        # the logged value is averaged over ranks instead.
+        self.val_loss_fn = ClipLoss(cache_labels=False)
         if stage == "fit" and self.compile_net:
             self.encoder.model.compile()
 
@@ -98,7 +101,7 @@ class ClipSystem(StageSystem):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image_f, text_f, scale = self.features(batch)
-        self.log("val/loss", self.loss_fn(image_f, text_f, scale), sync_dist=True, batch_size=image_f.shape[0])
+        self.log("val/loss", self.val_loss_fn(image_f, text_f, scale), sync_dist=True, batch_size=image_f.shape[0])
         self._val["image"].append(image_f.float())
         self._val["text"].append(text_f.float())
         self._val["captions"].extend(batch["caption"])

@@ -114,7 +114,7 @@ def guided_denoiser(
             first = keep if given is None else given.to(device=x.device, dtype=torch.bool)
             masks[name] = torch.cat([first, ~keep])
         out = net(torch.cat([x, x]), torch.cat([t, t]), **cond2, **masks)
-        c, u = out.chunk(2)
+        c, u = out.float().chunk(2)  # the extrapolation in fp32, whatever the autocast dtype
         return u + cond_scale * (c - u)
 
     return denoise

@@ -7,11 +7,13 @@ checkpoint records its identity instead (DESIGN.md section 3).
 
 from __future__ import annotations
 
-import copy
 import functools
+import os
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -80,7 +82,7 @@ class StageSystem(pl.LightningModule):
         self.lr_decay = lr_decay
         self.min_lr_ratio = min_lr_ratio
         self.compile_net = compile
-        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float32))  # kept across resumes
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
 
     # ------------------------------------------------------------------ frozen CLIP
@@ -121,6 +123,18 @@ class StageSystem(pl.LightningModule):
         if stage == "fit" and self.compile_net and hasattr(self, "net"):
             self.net.compile()
 
+    def on_train_start(self) -> None:
+        """Give every rank its own random stream for timesteps, noise, drop masks and augmentations.
+
+        Lightning seeds every rank alike (seed_everything, then reset_seed in DDP), which would make all ranks
+        draw the same (t, eps, drop) for their different images; mixing in the rank and the step also gives a
+        resumed run fresh draws instead of replaying the first steps.
+        """
+        seed = stream_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank, self.global_step)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: no weight decay on biases, norms, embeddings and learned null/positional vectors."""
@@ -147,7 +161,8 @@ class StageSystem(pl.LightningModule):
         on the device and leaves weights, moments and its step count untouched when it is 1 (the mechanism AMP
         grad scaling uses). Other optimizers read the flag on the host and get no gradients for that step.
         """
-        if "fsdp" in type(self.trainer.strategy).__name__.lower():  # sharded grads: Lightning's own clipping
+        if gradient_clip_algorithm == "value" or "fsdp" in type(self.trainer.strategy).__name__.lower():
+            # value clipping, or sharded gradients: Lightning's own clipping
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
@@ -207,8 +222,10 @@ class StageSystem(pl.LightningModule):
         """(B,) bool, True with probability `prob`: the sample's conditioning is dropped (guidance training)."""
         return torch.rand(batch_size, device=self.device) < prob
 
-    def meta_copy(self) -> nn.Module:
-        return copy.deepcopy(self.net).to("meta")
+
+def stream_seed(base: int, rank: int, step: int) -> int:
+    """The seed of one rank's random stream from the run's seed, the rank and the step training starts at."""
+    return (base * 1_000_003 + rank * 10_007 + step) % (2**31 - 1)
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):

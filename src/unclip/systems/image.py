@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from unclip.clip.encoder import ClipEncoder
 from unclip.data.degradation import bsr_degrade, gaussian_blur_aug, paired_random_crop
 from unclip.diffusion.gaussian import GaussianDiffusion
-from unclip.generate import DECODER_DROP, SamplerConfig, sample_images
+from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsampler_cond
 from unclip.systems.base import StageSystem, plain
 from unclip.utils.images import grid, save_png
 
@@ -313,17 +313,12 @@ class UpsamplerSystem(ImageStageSystem):
             return bsr_degrade(lowres, self.degradation_prob)
         return lowres
 
-    def lowres_cond(self, lowres: torch.Tensor, level: torch.Tensor | None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Upsample the conditioning to the target size and noise it to `level` (noise augmentation)."""
-        up = upsample(lowres, self.image_size)
-        cond = {"lowres_image": up}
-        if self.net.config.get("noise_level_cond"):
-            level = level if level is not None else torch.zeros(up.shape[0], dtype=torch.long, device=up.device)
-            noise = torch.randn(up.shape, device=up.device, generator=generator)
-            cond["lowres_image"] = self.diffusion.q_sample(up, level, noise)
-            cond["noise_level"] = level
-        return cond
+    def lowres_cond(self, lowres: torch.Tensor, level: torch.Tensor | int | None,
+                    seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The conditioning at the target size, noised to `level` when the net takes a noise level."""
+        noised = bool(self.net.config.get("noise_level_cond"))
+        return upsampler_cond(lowres, self.image_size, self.diffusion if noised else None,
+                              (0 if level is None else level) if noised else None, seeds=seeds)
 
     def get_lowres(self, batch: dict[str, Any]) -> torch.Tensor:
         if "lowres_image" in batch:
@@ -350,8 +345,7 @@ class UpsamplerSystem(ImageStageSystem):
 
     def sample_batch(self, batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         lowres = self.get_lowres(batch)
-        level = torch.full((lowres.shape[0],), self.sample_noise_level, dtype=torch.long, device=lowres.device)
-        cond = self.lowres_cond(lowres, level, torch.Generator(device=lowres.device).manual_seed(seeds[0]))
+        cond = self.lowres_cond(lowres, self.sample_noise_level, seeds)
         shape = (len(seeds), 3, self.image_size, self.image_size)
         return sample_images(self.net, self.diffusion, cond, shape, self.sampler, drop_mask_names=(), seeds=seeds)
 
