@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny nets run fastest on one thread (and do not fight other processes for cores); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A data folder shared by the session (the tiny `shapes` set is generated into it once)."""

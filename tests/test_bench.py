@@ -36,13 +36,7 @@ SAMPLING_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny nets run fastest on one thread (and do not fight other processes for cores); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def check_environment(doc: dict, argv: list[str], kind: str) -> None:
