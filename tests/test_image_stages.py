@@ -204,3 +204,12 @@ def test_upsampler_conditioning_noise_is_drawn_at_the_target_size():
     again = upsampler_cond(lowres, 32, diffusion, 500, seeds=[0, 1])
     assert torch.equal(again["lowres_image"], cond["lowres_image"])  # per-sample seeds
     assert torch.equal(upsampler_cond(lowres, 32)["lowres_image"], torch.zeros(2, 3, 32, 32))  # no augmentation
+
+
+def test_the_upsampler_baseline_is_bicubic():
+    from unclip.systems.image import bicubic_upsample
+
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    expected = F.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.equal(bicubic_upsample(low, 32), expected)
+    assert not torch.allclose(bicubic_upsample(low, 32), resize_lowres(low, (32, 32)))  # the net's own is bilinear

@@ -254,7 +254,7 @@ def _eval_decoder(cfg: DictConfig, device: torch.device):
 
 
 def _eval_upsampler(cfg: DictConfig, device: torch.device):
-    from unclip.systems.image import psnr, upsample
+    from unclip.systems.image import bicubic_upsample, psnr
 
     stage = LoadedStage.load(cfg.ckpt, "upsampler").to(device)
     system = stage.meta["system"]
@@ -273,7 +273,7 @@ def _eval_upsampler(cfg: DictConfig, device: torch.device):
         with torch.no_grad(), _autocast(cfg, device):
             samples = sample_images(stage.net, stage.diffusion, cond, (b, 3, size, size), sampler, (), seeds=seeds)
         real = batch["image"].float()
-        base = upsample(lowres, size).clamp(-1, 1)
+        base = bicubic_upsample(lowres, size)
         ours.append(psnr(samples, real))
         bicubic.append(psnr(base, real))
         metrics_obj.update_real(real)

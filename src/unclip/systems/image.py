@@ -351,7 +351,7 @@ class UpsamplerSystem(ImageStageSystem):
 
     def val_rows(self, batch: dict[str, Any], samples: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, float]]:
         real = batch["image"].float()
-        bicubic = upsample(self.get_lowres(batch), self.image_size).clamp(-1, 1)
+        bicubic = bicubic_upsample(self.get_lowres(batch), self.image_size)
         metrics = {"psnr": float(psnr(samples, real).mean()), "psnr_bicubic": float(psnr(bicubic, real).mean())}
         metrics.update(shapes_metrics(samples, batch.get("meta")))
         return [bicubic, samples, real], metrics
@@ -362,11 +362,9 @@ class UpsamplerSystem(ImageStageSystem):
                 "noise_aug_max_level": self.noise_aug_max_level}
 
 
-def upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
-    """The conditioning image at the target size, as the UNet itself resizes it at inference."""
-    from unclip.nets.unet import resize_lowres
-
-    return resize_lowres(lowres.float(), (size, size))
+def bicubic_upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
+    """Plain bicubic upsampling to the target size, in [-1, 1]: the baseline an upsampler must beat."""
+    return F.interpolate(lowres.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def shapes_metrics(images: torch.Tensor, metas: list[dict] | None) -> dict[str, float]:
