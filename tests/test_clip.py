@@ -127,8 +127,45 @@ def test_zero_shot_attributes_beat_chance(trained_clip):
         image_embed = trained_clip.encode_image(batch["image"])
     out = shapes_zero_shot(trained_clip, image_embed, batch["meta"])
     assert out["zeroshot_n"] > 10
-    assert set(out) == {"zeroshot_n", "zeroshot_colour", "zeroshot_shape", "zeroshot_size", "zeroshot_position"}
+    assert set(out) == {"zeroshot_n", "zeroshot_colour", "zeroshot_shape", "zeroshot_size", "zeroshot_position",
+                        "zeroshot_all"}
     assert all(0.0 <= out[k] <= 1.0 for k in out if k != "zeroshot_n")
+    assert out["zeroshot_colour"] > 1 / 8 + 0.1  # the colour is what a few CPU steps learn first
+
+
+class _AttributeEncoder:
+    """A stand-in CLIP whose text embedding is the one-hot code of the caption's attributes."""
+
+    def __init__(self):
+        from unclip.eval.zero_shot import ATTRIBUTE_VALUES
+
+        self.values = ATTRIBUTE_VALUES
+
+    def code(self, attributes: dict) -> torch.Tensor:
+        return torch.cat([F.one_hot(torch.tensor(vs.index(attributes[a])), len(vs)).float()
+                          for a, vs in self.values.items()])
+
+    def encode_text(self, captions):
+        from unclip.data.shapes import parse_caption
+
+        return {"text_embed": torch.stack([self.code(parse_caption(c)["objects"][0]) for c in captions])}
+
+
+def test_zero_shot_marginals_read_every_attribute():
+    """An image embedding that encodes its attributes is classified right; one from another image is not."""
+    from unclip.eval.zero_shot import PROMPTS, shapes_zero_shot
+
+    assert len(set(PROMPTS)) == 3 * 8 * 6 * 9
+    enc = _AttributeEncoder()
+    metas = [make_sample(0, "val", i, image_size=16)[2] for i in range(40)]
+    single = [m for m in metas if len(m["objects"]) == 1]
+    image_embed = torch.stack([enc.code(m["objects"][0]) if m in single else torch.zeros(26)
+                               for m in metas])
+    out = shapes_zero_shot(enc, image_embed, metas, logit_scale=10.0)
+    assert out["zeroshot_n"] == len(single) > 5
+    assert all(out[f"zeroshot_{a}"] == 1.0 for a in ("size", "colour", "shape", "position", "all"))
+    wrong = shapes_zero_shot(enc, image_embed.roll(1, dims=0), metas, logit_scale=10.0)
+    assert wrong["zeroshot_all"] < 0.2
 
 
 def test_clip_checkpoint_reloads_to_identical_embeddings(tiny_checkpoints):

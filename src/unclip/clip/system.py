@@ -4,7 +4,8 @@ open_clip's ClipLoss with its learnable temperature; with several devices it gat
 rank (with gradients), so `trainer.devices=8` optimises the global-batch loss. Logs train/loss,
 train/logit_scale and train/temperature; validation reports zero-shot retrieval recall@1/@5 in both
 directions within groups of up to 100 pairs with distinct captions (val/t2i_r1, val/i2t_r5, ...), and on
-`shapes` zero-shot attribute classification from prompts like "a red shape" (val/zeroshot_<attribute>).
+`shapes` zero-shot classification of size, colour, shape and position by prompt ensembles over the caption
+grammar (val/zeroshot_<attribute>, val/zeroshot_all; unclip.eval.zero_shot).
 """
 
 from __future__ import annotations

@@ -180,6 +180,19 @@ def _object_phrase(rng: random.Random, obj: dict, with_size: bool) -> str:
     return " ".join([article, *words])
 
 
+# The plainest phrasing of each position (zero-shot prompts); the generator varies around these.
+POSITION_PHRASES: dict[str, str] = {
+    "top left": "in the top left", "top": "at the top", "top right": "in the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "in the bottom left", "bottom": "at the bottom", "bottom right": "in the bottom right",
+}
+
+
+def canonical_caption(size: str, colour: str, shape: str, position: str) -> str:
+    """The plainest single-object caption, e.g. "a small red circle in the top left"."""
+    return f"a {size} {colour} {shape} {POSITION_PHRASES[position]}"
+
+
 def make_caption(rng: random.Random, scene: dict) -> tuple[str, list[str]]:
     """Caption a scene; returns (caption, stated attribute names, in ``ATTRIBUTES`` order)."""
     objects = scene["objects"]
