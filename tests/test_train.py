@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -119,3 +120,52 @@ def test_two_process_ddp_training_on_cpu(tmp_path, data_dir):
     assert ckpt["global_step"] == 6 and ckpt["unclip"]["stage"] == "clip"
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     assert "val/t2i_r1" in metrics and "train/loss" in metrics
+
+
+def test_time_budget_plan_stays_within_the_step_bounds():
+    from unclip.callbacks import FitTimeBudget
+
+    assert FitTimeBudget.plan(100, steps_per_s=10.0, remaining_s=60.0, max_steps=10_000, reserve_s=10.0) == 600
+    assert FitTimeBudget.plan(100, 10.0, 60.0, max_steps=300) == 300  # max_steps stays the upper bound
+    assert FitTimeBudget.plan(100, 10.0, 60.0, max_steps=-1) == 700
+    assert FitTimeBudget.plan(100, 10.0, remaining_s=2.0, max_steps=-1, reserve_s=5.0) == 101  # never before now
+
+
+class FakeClock:
+    """A monotonic clock that advances a fixed time per training step (TickClock), for timing-free tests."""
+
+    now = 0.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return cls.now
+
+
+class TickClock(pl.Callback):
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        FakeClock.now += 0.125
+
+
+def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_dir, monkeypatch):
+    """With max_time and a far larger max_steps, the run stops at the planned step (before the Timer would)
+    with the LR decayed to its floor, and the plan is in the checkpoint's scheduler state (so a resume keeps it).
+    The clock runs 1/8 s per step: the 16 s budget holds 128 steps, less the 3% reserve (3.84 steps)."""
+    import pytorch_lightning.callbacks.timer
+
+    import unclip.callbacks
+    from unclip.systems.base import WarmupCosine
+
+    FakeClock.now = 0.0
+    monkeypatch.setattr(unclip.callbacks, "time", FakeClock)
+    monkeypatch.setattr(pytorch_lightning.callbacks.timer, "time", FakeClock)
+    result = train_stage("tiny_prior", tmp_path / "run", data_dir, [
+        "trainer.max_steps=1000000", "+trainer.max_time=00:00:00:16", "trainer.val_check_interval=1000000",
+        "callbacks.time_budget.skip_steps=2", "callbacks.time_budget.estimate_at=8",
+        "callbacks.model_checkpoint.every_n_train_steps=1000000",
+        "+callbacks.clock._target_=tests.test_train.TickClock"])
+    ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)
+    step = ckpt["global_step"]
+    schedule = ckpt["lr_schedulers"][0]["lr_lambdas"][0]
+    assert step == schedule["total_steps"] and 124 <= step <= 125
+    final = WarmupCosine(schedule["warmup_steps"], step, schedule["decay"], schedule["min_ratio"])(step - 1)
+    assert final == pytest.approx(schedule["min_ratio"], abs=0.01)  # the decay has run its course

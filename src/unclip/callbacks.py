@@ -1,15 +1,18 @@
-"""Callbacks Lightning lacks: EMA with warm-up, and logging of the data layer's skip counts."""
+"""Callbacks Lightning lacks: EMA with warm-up, a run length fitted to a time budget, and logging of the data
+layer's skip counts."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.callbacks import Timer, WeightAveraging
+from pytorch_lightning.utilities import rank_zero_info
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["EMA", "DataStatsLogger", "batch_size"]
+__all__ = ["EMA", "DataStatsLogger", "FitTimeBudget", "batch_size"]
 
 
 class _EMAModel(AveragedModel):
@@ -75,6 +78,87 @@ class EMA(WeightAveraging):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the training weights live (Lightning would copy the average in): a checkpoint saved after fit
         then still holds both, so resuming from it continues from the training weights, not the average."""
+
+
+class FitTimeBudget(pl.Callback):
+    """Fits the run's length to `trainer.max_time`: the last step, and with it the end of the LR schedule
+    (unclip.systems.base.WarmupCosine), move to the step the time budget is expected to reach, so the decay
+    completes and the final weights are annealed rather than cut off mid-schedule when the time runs out.
+    Without `max_time` it does nothing; `trainer.max_steps` stays the upper bound.
+
+    The step rate is measured from `skip_steps` after the start (compilation and loader start-up left out),
+    validation time included, and the plan is made every `estimate_at` steps and after each validation, from
+    rank 0's clock (one broadcast each time). Kept free at the end: `reserve` of the budget plus the longest
+    validation seen so far.
+
+    Args:
+        skip_steps: steps after the start that the rate leaves out.
+        estimate_at: steps between plans (the first one `estimate_at` steps after the start).
+        reserve: fraction of `max_time` kept free at the end (the last checkpoint, timing noise).
+    """
+
+    def __init__(self, skip_steps: int = 20, estimate_at: int = 100, reserve: float = 0.03) -> None:
+        if not 0 <= skip_steps < estimate_at:
+            raise ValueError(f"need 0 <= skip_steps < estimate_at, got {skip_steps} and {estimate_at}")
+        self.skip_steps, self.estimate_at, self.reserve = skip_steps, estimate_at, reserve
+        self._timer: Timer | None = None
+        self._start_step = 0
+        self._ref: tuple[int, float] | None = None  # (step, time) the rate is measured from
+        self._max_steps = -1
+        self._val_start = 0.0
+        self._val_seconds = 0.0
+
+    @staticmethod
+    def plan(step: int, steps_per_s: float, remaining_s: float, max_steps: int, reserve_s: float = 0.0) -> int:
+        """The last step the budget reaches: step + rate * (remaining - reserve), within [step + 1, max_steps]
+        (max_steps < 0: no upper bound)."""
+        target = step + int(steps_per_s * max(0.0, remaining_s - reserve_s))
+        if max_steps >= 0:
+            target = min(target, max_steps)
+        return max(step + 1, target)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if self._timer is not None and self._timer.time_remaining() is None:
+            self._timer = None
+        self._start_step, self._ref, self._max_steps = trainer.global_step, None, trainer.max_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._timer is None:
+            return
+        done = trainer.global_step - self._start_step
+        if done == self.skip_steps:
+            self._ref = (trainer.global_step, time.monotonic())
+        elif done > 0 and done % self.estimate_at == 0:
+            self._replan(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._timer is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._val_seconds = max(self._val_seconds, time.monotonic() - self._val_start)
+        self._replan(trainer)
+
+    def _replan(self, trainer: pl.Trainer) -> None:
+        if self._ref is None or trainer.global_step <= self._ref[0]:
+            return
+        step = trainer.global_step
+        rate = (step - self._ref[0]) / (time.monotonic() - self._ref[1])
+        reserve = self.reserve * self._timer._duration + self._val_seconds
+        target = self.plan(step, rate, self._timer.time_remaining(), self._max_steps, reserve)
+        target = int(trainer.strategy.broadcast(target))
+        if target == trainer.fit_loop.epoch_loop.max_steps:
+            return
+        trainer.fit_loop.epoch_loop.max_steps = target
+        for config in trainer.lr_scheduler_configs:
+            for schedule in getattr(config.scheduler, "lr_lambdas", []):
+                if hasattr(schedule, "total_steps"):
+                    schedule.total_steps = target
+        rank_zero_info(f"time budget: {rate:.2f} steps/s at step {step}, {self._timer.time_remaining():.0f} s "
+                       f"left -> the run and its LR schedule end at step {target}")
 
 
 class DataStatsLogger(pl.Callback):

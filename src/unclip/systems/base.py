@@ -8,6 +8,7 @@ checkpoint records its identity instead (DESIGN.md section 3).
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from torch import nn
 import unclip
 from unclip.clip.encoder import ClipEncoder
 
-__all__ = ["StageSystem", "FrozenRef", "plain"]
+__all__ = ["FrozenRef", "StageSystem", "WarmupCosine", "plain", "warmup_cosine"]
 
 
 class FrozenRef:
@@ -228,18 +229,29 @@ def stream_seed(base: int, rank: int, step: int) -> int:
     return (base * 1_000_003 + rank * 10_007 + step) % (2**31 - 1)
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):
-    """Linear warm-up then cosine decay to min_lr_ratio (torch's LinearLR + CosineAnnealingLR in sequence)."""
-    from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+class WarmupCosine:
+    """LR factor at a step: linear warm-up to 1 over `warmup_steps`, then cosine decay to `min_ratio` at
+    `total_steps` (constant after warm-up when `decay` is not "cosine" or `total_steps` <= 0).
 
-    warmup_steps = max(0, int(warmup_steps))
-    rest = max(1, total_steps - warmup_steps) if total_steps > 0 else 1
-    if decay == "cosine" and total_steps > 0:
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
-        after = CosineAnnealingLR(optimizer, T_max=rest, eta_min=min(base_lrs) * min_lr_ratio)
-    else:
-        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
-    if warmup_steps == 0:
-        return after
-    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
-    return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
+    A closed form in the step, held in a callable object: LambdaLR's state_dict keeps its fields, so
+    `total_steps` can change during a run (unclip.callbacks.FitTimeBudget) and the change survives a resume.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, decay: str = "cosine", min_ratio: float = 0.0) -> None:
+        self.warmup_steps, self.total_steps = max(0, int(warmup_steps)), int(total_steps)
+        self.decay, self.min_ratio = decay, float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay != "cosine" or self.total_steps <= 0:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float):
+    """LambdaLR over WarmupCosine: linear warm-up, then cosine decay to `min_lr_ratio` times each group's LR."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, decay, min_lr_ratio))
