@@ -1,0 +1,64 @@
+"""Every shipped experiment composes, resolves and builds (its net on the meta device, so the 280M presets cost
+nothing); every net preset has the parameter count docs/NETS.md states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from tests.conftest import CONF
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
+
+# The parameter counts docs/NETS.md lists for each preset.
+NET_PARAMETERS = {
+    "prior_tiny": 33_024, "prior_shapes": 7_803_392, "prior_25m": 24_210_944, "prior_peer": 88_663_296,
+    "decoder_tiny": 63_931, "decoder_shapes": 26_796_163, "decoder_200m": 221_685_891,
+    "decoder_peer": 280_082_179, "upsampler_tiny": 50_355, "upsampler_shapes": 22_876_739,
+    "upsampler_1024": 282_797_955,
+}
+
+
+def meta_parameters(net_cfg) -> int:
+    with torch.device("meta"):
+        net = instantiate(net_cfg)
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_experiment_list_is_complete():
+    assert {"tiny_clip", "demo_decoder", "shapes_upsampler", "imagenet_prior", "laion_decoder"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_resolves_and_builds(experiment, compose_cfg, tmp_path):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    missing = OmegaConf.missing_keys(cfg)  # what the user must pass: their data, or the CLIP stage's checkpoint
+    assert missing <= {"clip.checkpoint", "data.train_shards", "data.val_shards"}
+    if not experiment.startswith(("imagenet_", "laion_")):
+        assert missing <= {"clip.checkpoint"}  # the embedded data needs no path
+    for key in missing:
+        OmegaConf.update(cfg, key, str(tmp_path / key))
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # no dangling interpolation
+    assert container["trainer"]["max_steps"] > 0
+    net = cfg.model.get("net")
+    if net is not None:
+        assert meta_parameters(net) > 0
+    if "data" in cfg:
+        instantiate(cfg.data)  # argument checks run in the constructor; no shard is read
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
+    assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+
+
+@pytest.mark.parametrize("preset", sorted(NET_PARAMETERS))
+def test_net_preset_has_the_documented_size(preset):
+    cfg = OmegaConf.load(CONF / "model" / "net" / f"{preset}.yaml")
+    assert meta_parameters(cfg) == NET_PARAMETERS[preset]
+
+
+def test_every_net_preset_is_documented():
+    presets = {p.stem for p in (CONF / "model" / "net").glob("*.yaml")}
+    assert presets - {"prior_demo", "decoder_demo", "upsampler_demo", "upsampler_256"} == set(NET_PARAMETERS)
