@@ -169,3 +169,21 @@ def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_
     assert step == schedule["total_steps"] and 124 <= step <= 125
     final = WarmupCosine(schedule["warmup_steps"], step, schedule["decay"], schedule["min_ratio"])(step - 1)
     assert final == pytest.approx(schedule["min_ratio"], abs=0.01)  # the decay has run its course
+
+
+@pytest.mark.parametrize("experiment", ["tiny_prior", "tiny_clip"])
+def test_compiled_training_step_with_eager_validation(experiment, tmp_path, data_dir):
+    """model.compile=<backend> compiles only the training forward: validation (eval mode, no grad, its own
+    batch size) adds no graph, and the checkpoint holds the plain net's keys."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = train_stage(experiment, tmp_path / "run", data_dir, [
+        "trainer.max_steps=4", "trainer.val_check_interval=2", "model.compile=aot_eager",
+        "callbacks.model_checkpoint.every_n_train_steps=4"])
+    # One graph: the training forward's. Validation's modes and batch sizes would each have added one.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
+    assert not any("_orig_mod" in k or "_train_" in k for k in ckpt["state_dict"])
+    torch._dynamo.reset()

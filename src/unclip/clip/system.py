@@ -47,7 +47,7 @@ class ClipSystem(StageSystem):
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.0,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__(None, optimizer, warmup_steps, lr_decay, min_lr_ratio, compile)
         if not encoder.trainable:
@@ -70,12 +70,13 @@ class ClipSystem(StageSystem):
         # Validation batches differ between ranks (finite shards, a partial last batch): no gathering there;
         # the logged value is averaged over ranks instead.
         self.val_loss_fn = ClipLoss(cache_labels=False)
-        if stage == "fit" and self.compile_net:
-            self.encoder.model.compile()
+        if stage == "fit" and self.compile_net and "_train_model" not in self.__dict__:
+            backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
+            object.__setattr__(self, "_train_model", torch.compile(self.encoder.model, backend=backend))
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit image and text features (B, D) and the logit scale exp(s)."""
-        model = self.encoder.model
+        model = self.__dict__.get("_train_model", self.encoder.model) if self.training else self.encoder.model
         images = self.encoder.preprocess(batch.get("clip_image", batch["image"]))
         tokens = self.encoder.tokenize(batch["caption"]).to(self.device)
         out = model(images, tokens)

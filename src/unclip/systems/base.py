@@ -58,7 +58,9 @@ class StageSystem(pl.LightningModule):
         warmup_steps: linear warm-up from ~0 to the base learning rate.
         lr_decay: "cosine" (to `min_lr_ratio` of the base rate at the last step) or "constant".
         min_lr_ratio: the final learning rate as a fraction of the base one.
-        compile: wrap the net's forward in torch.compile.
+        compile: compile the training step's net forward with torch.compile (True: the default backend,
+            inductor; a string: that backend). Validation and sampling call the net eager, so their other
+            batch sizes and modes (eval, no grad) cost no recompilation.
     """
 
     stage: str = ""
@@ -70,7 +72,7 @@ class StageSystem(pl.LightningModule):
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if lr_decay not in ("cosine", "constant"):
@@ -121,8 +123,15 @@ class StageSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ nets
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.compile_net and hasattr(self, "net"):
-            self.net.compile()
+        if stage == "fit" and self.compile_net and hasattr(self, "net") and "_train_net" not in self.__dict__:
+            backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
+            # Not registered as a submodule: the state dict, optimizer and EMA see only `net`.
+            object.__setattr__(self, "_train_net", torch.compile(self.net, backend=backend))
+
+    @property
+    def train_net(self) -> nn.Module:
+        """The net as the training step calls it: compiled when `compile` is set, else `net` itself."""
+        return self.__dict__.get("_train_net", self.net)
 
     def on_train_start(self) -> None:
         """Give every rank its own random stream for timesteps, noise, drop masks and augmentations.

@@ -78,7 +78,7 @@ class ImageStageSystem(StageSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.training_inputs(batch, train=True)
         x0 = x0.contiguous(memory_format=torch.channels_last) if x0.is_cuda else x0
-        out = self.diffusion.training_losses(self.net, x0, on_inputs=self.measure_flops, **cond)
+        out = self.diffusion.training_losses(self.train_net, x0, on_inputs=self.measure_flops, **cond)
         per_sample, t = out["loss"], out["t"]
         bucket = (t * NUM_BUCKETS // self.diffusion.num_timesteps).clamp(max=NUM_BUCKETS - 1)
         self.bucket_sum.index_add_(0, bucket, per_sample.detach())
@@ -179,7 +179,7 @@ class DecoderSystem(ImageStageSystem):
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         sampler = plain(sampler)
         super().__init__(net, diffusion, clip, sampler, num_val_samples, val_seed, optimizer, warmup_steps,
@@ -282,7 +282,7 @@ class UpsamplerSystem(ImageStageSystem):
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         sampler, blur_sigma = plain(sampler), tuple(plain(blur_sigma))
         super().__init__(net, diffusion, clip, sampler, num_val_samples, val_seed, optimizer, warmup_steps,

@@ -63,7 +63,7 @@ class PriorSystem(StageSystem):
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
         min_lr_ratio: float = 0.1,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__(clip, optimizer, warmup_steps, lr_decay, min_lr_ratio, compile)
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -103,7 +103,7 @@ class PriorSystem(StageSystem):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.conditioning(batch)
         cond["cond_drop_mask"] = self.drop_mask(x0.shape[0], self.cond_drop_prob)
-        loss = self.diffusion.training_losses(self.net, x0, on_inputs=self.measure_flops, **cond)["loss"].mean()
+        loss = self.diffusion.training_losses(self.train_net, x0, on_inputs=self.measure_flops, **cond)["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         return loss
 
