@@ -172,3 +172,95 @@ def test_rerank_picks_the_candidate_closest_to_the_text():
 def test_sampler_config_merges_defaults():
     cfg = SamplerConfig.from_any({"num_steps": 12, "cond_scale": None}, name="dpmpp", cond_scale=2.0)
     assert (cfg.name, cfg.num_steps, cfg.cond_scale) == ("dpmpp", 12, 2.0)
+
+
+# ---------------------------------------------------------------------------------------- learned variance
+def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
+    from unclip.diffusion.gaussian import discretized_gaussian_log_likelihood
+
+    levels = torch.linspace(-1, 1, 256).view(256, 1)
+    for mean, log_var in [(0.3, -6.0), (-0.99, -2.0), (1.4, 0.5)]:
+        p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean),
+                                                torch.full_like(levels, log_var)).exp()
+        assert p.sum().item() == pytest.approx(1.0, abs=1e-4)
+        if log_var < -5:  # narrow: the mass sits on the level nearest the mean
+            assert levels[p.argmax()].item() == pytest.approx(mean, abs=1 / 255 + 1e-6)
+
+
+def test_vlb_term_is_the_gaussian_kl_and_the_decoder_nll():
+    d = GaussianDiffusion(prediction_type="v_prediction", learn_sigma=True)
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    x_t = torch.randn(3, 3, 4, 4)
+    t = torch.tensor([10, 500, 999])
+    # Exact mean and v = -1 (the true posterior variance): KL = 0.
+    assert d.vlb_term(x0, x_t, t, x0, -torch.ones_like(x0)).abs().max() < 1e-5
+    # Exact mean and v = +1 (variance beta_t): KL = (-1 + log r + 1 / r) / 2 per dim, r = beta_t / beta~_t.
+    log_r = d.log_betas[t] - d.posterior_log_var[t]
+    expected = 0.5 * (-1 + log_r + torch.exp(-log_r)) / torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(d.vlb_term(x0, x_t, t, x0, torch.ones_like(x0)), expected, rtol=1e-4, atol=1e-6)
+    # t = 0: the discretised NLL of x0, about a bit per dim for an exact mean (the variance, beta~_1, spans about
+    # a bin), far more for a wrong one.
+    grid = torch.round((x0 + 1) * 127.5) / 127.5 - 1
+    t0 = torch.zeros(3, dtype=torch.long)
+    exact = d.vlb_term(grid, x_t, t0, grid, -torch.ones_like(x0))
+    off = d.vlb_term(grid, x_t, t0, -grid, -torch.ones_like(x0))
+    assert (exact < 1.0).all() and (off > 5.0).all()
+
+
+def test_hybrid_loss_trains_the_variance_only_through_the_vlb_and_stays_bounded():
+    d = GaussianDiffusion(prediction_type="v_prediction", learn_sigma=True, vlb_clamp=10.0)
+    x0 = torch.rand(4, 3, 4, 4) * 2 - 1
+    t = torch.tensor([0, 1, 2, 700])
+    out = torch.zeros(4, 6, 4, 4, requires_grad=True)
+    losses = d.training_losses(lambda x, t: out * 1.0, x0, t=t)
+    losses["loss"].sum().backward()
+    plain = GaussianDiffusion(prediction_type="v_prediction")
+    assert out.grad[:, 3:].abs().sum() > 0  # the variance channels learn from L_vlb
+    # A wildly wrong mean at small t: the VLB term is bounded by the clamp, and the loss is finite.
+    wild = torch.cat([torch.full((4, 3, 4, 4), 50.0), -torch.ones(4, 3, 4, 4)], dim=1)
+    noise = torch.randn_like(x0)
+    res = d.training_losses(lambda x, t: wild, x0, t=t, noise=noise)
+    assert torch.isfinite(res["loss"]).all() and res["vlb"].max() > 10.0
+    mse_only = plain.training_losses(lambda x, t: wild[:, :3], x0, t=t, noise=noise)["loss"]
+    torch.testing.assert_close(res["loss"], mse_only + d.vlb_weight * res["vlb"].clamp(max=10.0))
+    assert (res["loss"] <= mse_only + d.vlb_weight * 10.0 + 1e-3).all()
+
+
+def test_vlb_gradient_never_reaches_the_mean():
+    d = GaussianDiffusion(prediction_type="epsilon", learn_sigma=True, vlb_weight=1.0)
+    x0, noise, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4), torch.tensor([3, 400])
+    out = torch.randn(2, 6, 4, 4, requires_grad=True)
+    d.training_losses(lambda x, t: out * 1.0, x0, t=t, noise=noise)["loss"].sum().backward()
+    mean = out.detach()[:, :3].clone().requires_grad_(True)
+    GaussianDiffusion(prediction_type="epsilon").training_losses(lambda x, t: mean * 1.0, x0, t=t,
+                                                                 noise=noise)["loss"].sum().backward()
+    torch.testing.assert_close(out.grad[:, :3], mean.grad)  # the mean's gradient is L_simple's alone
+
+
+def test_learned_variance_samplers_and_guidance():
+    d = GaussianDiffusion(prediction_type="v_prediction", learn_sigma=True)
+    x0 = torch.randn(1, 3, 4, 4).clamp(-1, 1)
+    perfect = oracle(d, x0)
+
+    def net(x, t, **cond):
+        return torch.cat([perfect(x, t), torch.zeros_like(x)], dim=1)  # v = 0: halfway between the variances
+
+    for name in ("ddpm", "ddim", "dpmpp"):
+        scheduler = d.make_scheduler(name)
+        assert (getattr(scheduler.config, "variance_type", None) == "learned_range") == (name == "ddpm")
+        out = sample_loop(net, (2, 3, 4, 4), scheduler, 20, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 3, 4, 4) and (out - x0).abs().max() < 3e-2
+    # Guidance extrapolates the mean; the variance is the conditional branch's.
+    def branch_net(x, t, drop):
+        sign = torch.where(drop, -1.0, 1.0).view(-1, 1, 1, 1)
+        return torch.cat([sign * torch.ones_like(x), 0.5 * sign * torch.ones_like(x)], dim=1)
+
+    guided = guided_denoiser(branch_net, {}, ["drop"], cond_scale=3.0)(torch.zeros(2, 3, 4, 4), torch.zeros(2))
+    assert guided.shape == (2, 6, 4, 4)
+    assert torch.all(guided[:, :3] == 5.0) and torch.all(guided[:, 3:] == 0.5)
+
+
+def test_learn_sigma_needs_a_six_channel_net():
+    d = GaussianDiffusion(learn_sigma=True)
+    with pytest.raises(ValueError, match="2 x 3 output channels"):
+        d.training_losses(lambda x, t: x, torch.zeros(2, 3, 4, 4))

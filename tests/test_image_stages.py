@@ -213,3 +213,27 @@ def test_the_upsampler_baseline_is_bicubic():
     expected = F.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
     assert torch.equal(bicubic_upsample(low, 32), expected)
     assert not torch.allclose(bicubic_upsample(low, 32), resize_lowres(low, (32, 32)))  # the net's own is bilinear
+
+
+def test_learned_variance_decoder_trains_validates_and_decodes(tmp_path, data_dir):
+    """model.diffusion.learn_sigma=true: a 6-channel net (set by the config), the hybrid loss, validation
+    samples through ancestral DDPM with the learned variance, and a checkpoint whose pipeline decodes
+    3-channel images in range."""
+    sampler = "ddpm"
+    from tests.conftest import train_stage
+    from unclip.pipeline import LoadedStage, UnCLIPPipeline
+
+    result = train_stage("tiny_decoder", tmp_path / "run", data_dir, [
+        "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+        "model.diffusion.learn_sigma=true",
+        f"model.sampler.name={sampler}", "model.sampler.num_steps=5",
+        "callbacks.model_checkpoint.every_n_train_steps=4"])
+    stage = LoadedStage.load(result["checkpoint"], "decoder")
+    assert stage.diffusion.learn_sigma and stage.net.config["out_channels"] == 6
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/vlb" in metrics.splitlines()[0]
+    pipe = UnCLIPPipeline.from_checkpoints(decoder=result["checkpoint"], device="cpu")
+    embeds = F.normalize(torch.randn(2, stage.net.config["image_embed_dim"]), dim=-1)
+    text = {k: v for k, v in pipe.encode_text(["a red circle", "a blue square"]).items()}
+    images = pipe.decode(embeds, text, seeds=[0, 1], sampler=SamplerConfig(name=sampler, num_steps=5))
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1

@@ -3,6 +3,7 @@
     ${unclip.precision:}      "bf16-mixed" on a GPU with bf16 support, else "32-true"
     ${unclip.wandb_offline:}  True unless W&B credentials exist (WANDB_API_KEY, or `wandb login`'s netrc entry)
                               or WANDB_MODE=online: W&B must never stop a job at an interactive login prompt
+    ${unclip.net_channels:C,L}  a UNet's output channels for C image channels: 2C when L (learn_sigma) is true
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 from omegaconf import OmegaConf
 
-__all__ = ["register_resolvers", "wandb_offline", "default_precision"]
+__all__ = ["register_resolvers", "wandb_offline", "default_precision", "net_channels"]
 
 
 def default_precision() -> str:
@@ -36,8 +37,14 @@ def wandb_offline() -> bool:
         return True
 
 
+def net_channels(channels: int, learn_sigma: bool) -> int:
+    return int(channels) * (2 if learn_sigma else 1)
+
+
 def register_resolvers() -> None:
-    for name, fn in {"unclip.precision": default_precision, "unclip.wandb_offline": wandb_offline}.items():
+    resolvers = {"unclip.precision": default_precision, "unclip.wandb_offline": wandb_offline,
+                 "unclip.net_channels": net_channels}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -70,12 +70,7 @@ class LoadedStage:
         net = build_net(meta["net"])
         net.load_state_dict(net_state_dict(ckpt["state_dict"]), strict=True)
         net.eval().requires_grad_(False)
-        d = meta["diffusion"]
-        diffusion = GaussianDiffusion(
-            num_timesteps=d["num_train_timesteps"], beta_schedule=d["beta_schedule"],
-            prediction_type=d["prediction_type"], beta_start=d.get("beta_start", 0.0001),
-            beta_end=d.get("beta_end", 0.02),
-        )
+        diffusion = GaussianDiffusion.from_config(meta["diffusion"])
         sampler = SamplerConfig.from_any(meta.get("system", {}).get("sampler"))
         return cls(name or stage, net, diffusion, meta, str(path), ckpt["file_sha256"], sampler)
 
@@ -221,7 +216,8 @@ class UnCLIPPipeline:
 
     def _image_shape(self, stage: LoadedStage, batch: int) -> tuple[int, int, int, int]:
         cfg = stage.net.config
-        return (batch, cfg.get("out_channels", 3), cfg["image_size"], cfg["image_size"])
+        channels = cfg.get("out_channels", 3) // (2 if stage.diffusion.learn_sigma else 1)  # less the variance
+        return (batch, channels, cfg["image_size"], cfg["image_size"])
 
     # ------------------------------------------------------------------ stages
     def sample_prior(self, text: dict[str, torch.Tensor], seeds: Sequence[int], sampler: SamplerConfig | None = None,

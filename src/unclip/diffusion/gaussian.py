@@ -11,6 +11,10 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021; Salimans & Ho 2022 for v):
     snr(t)             alpha_bar_t / (1 - alpha_bar_t)
     min_snr weighting  per-timestep loss weight min(snr, gamma) / snr, expressed for the predicted quantity
                        (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy")
+    learn_sigma        the net also outputs v in [-1, 1] per pixel: log Sigma_t = (v+1)/2 log beta_t
+                       + (1-v)/2 log beta~_t (Nichol & Dhariwal 2021, eq. 15), trained by L_hybrid = L_simple
+                       + lambda L_vlb (eq. 16) with the mean's gradient stopped in L_vlb; beta~_t = beta_t
+                       (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) is the true posterior's variance (Ho eq. 7)
 
 The betas come from diffusers' scheduler of the same name, so the schedule a net is trained on is exactly the
 one its sampler (a diffusers scheduler built by `make_scheduler`) integrates. The cumulative products are
@@ -19,6 +23,7 @@ computed in float64 and stored in float32: in float32, 1 - alpha_bar_t loses its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -29,12 +34,27 @@ from torch import nn
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 BetaSchedule = Literal["squaredcos_cap_v2", "linear", "scaled_linear", "sigmoid"]
 
-__all__ = ["GaussianDiffusion", "extract"]
+__all__ = ["GaussianDiffusion", "discretized_gaussian_log_likelihood", "extract"]
 
 
 def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """values[t] (B,) reshaped to (B, 1, ..., 1) to broadcast against a tensor of `ndim` dims."""
     return values.gather(0, t.long()).view(-1, *([1] * (ndim - 1)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
+                                        bins: int = 256) -> torch.Tensor:
+    """log P(x) per element for x on `bins` levels in [-1, 1] under N(mean, exp(log_var)) integrated over each
+    level's bin, the outermost bins reaching to -inf and +inf (Ho et al. 2020, eq. 13)."""
+    half = 1.0 / (bins - 1)
+    inv_std = torch.exp(-0.5 * log_var)
+    upper = torch.special.ndtr(inv_std * (x - mean + half))  # P(X < x + half)
+    lower = torch.special.ndtr(inv_std * (x - mean - half))  # P(X < x - half)
+    above = torch.special.ndtr(inv_std * (mean - x + half))  # P(X > x - half), without 1 - lower's cancellation
+    tiny = 1e-12
+    return torch.where(x < -1.0 + half, torch.log(upper.clamp(min=tiny)),
+                       torch.where(x > 1.0 - half, torch.log(above.clamp(min=tiny)),
+                                   torch.log((upper - lower).clamp(min=tiny))))
 
 
 class GaussianDiffusion(nn.Module):
@@ -47,6 +67,10 @@ class GaussianDiffusion(nn.Module):
         loss_weighting: "none" (plain MSE on the prediction) or "min_snr".
         min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
         beta_start, beta_end: endpoints of the linear schedules.
+        learn_sigma: the net outputs 2C channels, the second C the interpolation v of its variance (above).
+        vlb_weight: lambda * T of L_hybrid, the weight of the per-sample VLB term (ADM: 0.001 * 1000).
+        vlb_clamp: per-sample bound on the VLB term in bits/dim, so one sample whose predicted mean is far off
+            at a small t (a huge (mu - mu~)^2 / Sigma) cannot blow up the step; bounded samples pass no gradient.
     """
 
     def __init__(
@@ -58,6 +82,9 @@ class GaussianDiffusion(nn.Module):
         min_snr_gamma: float = 5.0,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
+        learn_sigma: bool = False,
+        vlb_weight: float = 1.0,
+        vlb_clamp: float = 10.0,
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -70,9 +97,20 @@ class GaussianDiffusion(nn.Module):
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
         self.beta_start, self.beta_end = beta_start, beta_end
+        self.learn_sigma, self.vlb_weight, self.vlb_clamp = learn_sigma, vlb_weight, vlb_clamp
 
         betas = self.make_scheduler("ddpm").betas.to(torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_var = betas * (1 - prev) / (1 - alphas_cumprod)  # beta~_t; 0 at t = 0
+        posterior_var = torch.cat([posterior_var[1:2], posterior_var[1:]])  # log-safe: beta~_1 at t = 0 (ADM)
+        for name, value in {
+            "log_betas": betas.log(),
+            "posterior_log_var": posterior_var.log(),
+            "posterior_coef_x0": betas * prev.sqrt() / (1 - alphas_cumprod),  # Ho eq. 7
+            "posterior_coef_xt": (1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+        }.items():
+            self.register_buffer(name, value.float(), persistent=False)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float(), persistent=False)
@@ -89,12 +127,26 @@ class GaussianDiffusion(nn.Module):
             "beta_end": self.beta_end,
             "loss_weighting": self.loss_weighting,
             "min_snr_gamma": self.min_snr_gamma,
+            "learn_sigma": self.learn_sigma,
+            "vlb_weight": self.vlb_weight,
+            "vlb_clamp": self.vlb_clamp,
         }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GaussianDiffusion:
+        """The inverse of `config` (checkpoints written before a key existed get its default)."""
+        keys = {"num_train_timesteps": "num_timesteps", "beta_schedule": "beta_schedule",
+                "prediction_type": "prediction_type", "beta_start": "beta_start", "beta_end": "beta_end",
+                "loss_weighting": "loss_weighting", "min_snr_gamma": "min_snr_gamma",
+                "learn_sigma": "learn_sigma", "vlb_weight": "vlb_weight", "vlb_clamp": "vlb_clamp"}
+        return cls(**{arg: config[key] for key, arg in keys.items() if key in config})
 
     def make_scheduler(self, name: str = "ddim", **kwargs: Any):
         """A diffusers scheduler integrating this schedule; see `unclip.diffusion.sampling.make_scheduler`."""
         from unclip.diffusion.sampling import make_scheduler
 
+        if self.learn_sigma and name == "ddpm":  # ancestral steps use the learned variance; the others drop it
+            kwargs.setdefault("variance_type", "learned_range")
         return make_scheduler(name, num_train_timesteps=self.num_timesteps, beta_schedule=self.beta_schedule,
                               prediction_type=self.prediction_type, beta_start=self.beta_start,
                               beta_end=self.beta_end, **kwargs)
@@ -162,6 +214,42 @@ class GaussianDiffusion(nn.Module):
         if on_inputs is not None:
             on_inputs(x_t, t, cond)
         model_output = net(x_t, t, **cond)
+        if self.learn_sigma:
+            if model_output.shape[1] != 2 * x0.shape[1]:
+                raise ValueError(f"learn_sigma needs a net with 2 x {x0.shape[1]} output channels (mean and "
+                                 f"variance), got {model_output.shape[1]}: set the net's out_channels")
+            model_output, variance = model_output.chunk(2, dim=1)
         mse = F.mse_loss(model_output.float(), self.target(x0, noise, t).float(), reduction="none")
         per_sample = mse.flatten(1).mean(dim=1) * self.loss_weight(t)
-        return {"loss": per_sample, "t": t, "x_t": x_t, "model_output": model_output}
+        out = {"t": t, "x_t": x_t, "model_output": model_output}
+        if self.learn_sigma:
+            x0_pred = self.predict_x0(x_t, t, model_output.detach().float())  # L_vlb trains the variance only
+            vlb = self.vlb_term(x0.float(), x_t.float(), t, x0_pred, variance.float())
+            out["vlb"] = vlb
+            per_sample = per_sample + self.vlb_weight * vlb.clamp(max=self.vlb_clamp)
+        out["loss"] = per_sample
+        return out
+
+    # ------------------------------------------------------------------ learned variance (L_vlb)
+    def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x_0) (Ho eq. 7)."""
+        return (extract(self.posterior_coef_x0, t, x_t.ndim) * x0
+                + extract(self.posterior_coef_xt, t, x_t.ndim) * x_t)
+
+    def model_log_variance(self, variance: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log Sigma_t from the net's variance output v (B, C, ...), clamped to [-1, 1] (Nichol eq. 15)."""
+        frac = (variance.clamp(-1.0, 1.0) + 1.0) / 2.0
+        return (frac * extract(self.log_betas, t, variance.ndim)
+                + (1.0 - frac) * extract(self.posterior_log_var, t, variance.ndim))
+
+    def vlb_term(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_pred: torch.Tensor,
+                 variance: torch.Tensor) -> torch.Tensor:
+        """L_t in bits/dim per sample (B,): KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the
+        decoder's discretised NLL -log p(x_0 | x_1) for t = 0 (Ho sec. 3.3, 8-bit data in [-1, 1])."""
+        mean_q, log_var_q = self.posterior_mean(x0, x_t, t), extract(self.posterior_log_var, t, x_t.ndim)
+        mean_p, log_var_p = self.posterior_mean(x0_pred, x_t, t), self.model_log_variance(variance, t)
+        kl = 0.5 * (-1.0 + log_var_p - log_var_q + torch.exp(log_var_q - log_var_p)
+                    + (mean_q - mean_p) ** 2 * torch.exp(-log_var_p))
+        nll = -discretized_gaussian_log_likelihood(x0, mean_p, log_var_p)
+        per_dim = torch.where((t == 0).view(-1, *([1] * (x0.ndim - 1))), nll, kl)
+        return per_dim.flatten(1).mean(dim=1) / math.log(2.0)

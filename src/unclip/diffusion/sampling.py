@@ -33,7 +33,8 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 
-__all__ = ["SCHEDULERS", "make_scheduler", "guided_denoiser", "sample_loop", "ddim_invert", "make_generators"]
+__all__ = ["SCHEDULERS", "make_scheduler", "guided_denoiser", "sample_loop", "ddim_invert", "make_generators",
+           "mean_output"]
 
 
 def _scheduler_class(name: str):
@@ -115,9 +116,18 @@ def guided_denoiser(
             masks[name] = torch.cat([first, ~keep])
         out = net(torch.cat([x, x]), torch.cat([t, t]), **cond2, **masks)
         c, u = out.float().chunk(2)  # the extrapolation in fp32, whatever the autocast dtype
+        if c.ndim > 2 and c.shape[1] == 2 * x.shape[1]:  # learned variance: guide the mean, keep cond's variance
+            (c, variance), u = c.chunk(2, dim=1), u.chunk(2, dim=1)[0]
+            return torch.cat([u + cond_scale * (c - u), variance], dim=1)
         return u + cond_scale * (c - u)
 
     return denoise
+
+
+def mean_output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The mean prediction of a net output (B, C or 2C, ...) for x (B, C, ...): a learned variance's C channels
+    are dropped (for every scheduler but ancestral DDPM with variance_type="learned_range")."""
+    return out[:, : x.shape[1]] if out.ndim > 2 and out.shape[1] == 2 * x.shape[1] else out
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
@@ -165,10 +175,13 @@ def sample_loop(
 
         iterator = tqdm(iterator, desc=desc, leave=False)
     batch = shape[0]
+    learned_variance = getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range")
     for i in iterator:
         t = timesteps[i]
         model_input = scheduler.scale_model_input(x, t)
         out = denoise(model_input, net_timesteps[i].expand(batch))
+        if not learned_variance:
+            out = mean_output(out, x)
         x = scheduler.step(out.float(), t, x, **step_kwargs).prev_sample
     return x
 
@@ -205,6 +218,6 @@ def ddim_invert(
 
         iterator = tqdm(iterator, desc="inverting", leave=False)
     for i in iterator:
-        out = denoise(x, net_timesteps[i].expand(x.shape[0]))
+        out = mean_output(denoise(x, net_timesteps[i].expand(x.shape[0])), x)
         x = inverse.step(out.float(), timesteps[i], x).prev_sample
     return x

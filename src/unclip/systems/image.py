@@ -49,6 +49,10 @@ class ImageStageSystem(StageSystem):
     def __init__(self, net, diffusion, clip, sampler, num_val_samples, val_seed, optimizer, warmup_steps, lr_decay,
                  min_lr_ratio, compile) -> None:
         super().__init__(clip, optimizer, warmup_steps, lr_decay, min_lr_ratio, compile)
+        expected = 6 if diffusion.learn_sigma else 3
+        if getattr(net, "config", {}).get("out_channels", expected) != expected:
+            raise ValueError(f"diffusion.learn_sigma={diffusion.learn_sigma} needs a net with {expected} output "
+                             f"channels, got {net.config['out_channels']} (set model.net.out_channels={expected})")
         self.net = net
         self.diffusion = diffusion
         self.sampler = SamplerConfig.from_any(sampler, name="ddim", num_steps=50, thresholding="static")
@@ -85,6 +89,8 @@ class ImageStageSystem(StageSystem):
         self.bucket_count.index_add_(0, bucket, torch.ones_like(per_sample))
         loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        if "vlb" in out:  # learned variance: the VLB term in bits/dim, before its clamp
+            self.log("train/vlb", out["vlb"].mean(), batch_size=x0.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -225,7 +231,7 @@ class DecoderSystem(ImageStageSystem):
 
     def sample_batch(self, batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         cond = self.conditioning(batch)
-        shape = (len(seeds), self.net.config.get("out_channels", 3), self.image_size, self.image_size)
+        shape = (len(seeds), 3, self.image_size, self.image_size)
         drops = DECODER_DROP if self.use_text else DECODER_DROP[:1]
         return sample_images(self.net, self.diffusion, cond, shape, self.sampler, drops, seeds=seeds)
 

@@ -68,6 +68,8 @@ class PriorSystem(StageSystem):
         super().__init__(clip, optimizer, warmup_steps, lr_decay, min_lr_ratio, compile)
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if diffusion.learn_sigma:
+            raise ValueError("the prior predicts x_0 of an embedding: diffusion.learn_sigma is for image stages")
         self.net = net
         self.diffusion = diffusion
         embed_dim = net.config["embed_dim"]
