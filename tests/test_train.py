@@ -148,7 +148,7 @@ class TickClock(pl.Callback):
 
 def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_dir, monkeypatch):
     """With max_time and a far larger max_steps, the run stops at the planned step (before the Timer would)
-    with the LR decayed to its floor, and the plan is in the checkpoint's scheduler state (so a resume keeps it).
+    after a last validation, with the LR decayed to its floor, and the plan is in the checkpoint's scheduler state (so a resume keeps it).
     The clock runs 1/8 s per step: the 16 s budget holds 128 steps, less the 3% reserve (3.84 steps)."""
     import pytorch_lightning.callbacks.timer
 
@@ -169,6 +169,10 @@ def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_
     assert step == schedule["total_steps"] and 124 <= step <= 125
     final = WarmupCosine(schedule["warmup_steps"], step, schedule["decay"], schedule["min_ratio"])(step - 1)
     assert final == pytest.approx(schedule["min_ratio"], abs=0.01)  # the decay has run its course
+    rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    last_val = [r.split(",") for r in rows[1:] if r.split(",")[header.index("val/loss")]]
+    assert last_val and int(last_val[-1][header.index("step")]) == step - 1  # validated at the end (0-based)
 
 
 @pytest.mark.parametrize("experiment", ["tiny_prior", "tiny_clip"])

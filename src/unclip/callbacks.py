@@ -84,7 +84,8 @@ class FitTimeBudget(pl.Callback):
     """Fits the run's length to `trainer.max_time`: the last step, and with it the end of the LR schedule
     (unclip.systems.base.WarmupCosine), move to the step the time budget is expected to reach, so the decay
     completes and the final weights are annealed rather than cut off mid-schedule when the time runs out.
-    Without `max_time` it does nothing; `trainer.max_steps` stays the upper bound.
+    Without `max_time` it does nothing; `trainer.max_steps` stays the upper bound. The run ends the way a
+    `max_time` stop does: one last validation, then `last.ckpt`.
 
     The step rate is measured from `skip_steps` after the start (compilation and loader start-up left out),
     validation time included, and the plan is made every `estimate_at` steps and after each validation, from
@@ -107,6 +108,7 @@ class FitTimeBudget(pl.Callback):
         self._max_steps = -1
         self._val_start = 0.0
         self._val_seconds = 0.0
+        self._end_step: int | None = None
 
     @staticmethod
     def plan(step: int, steps_per_s: float, remaining_s: float, max_steps: int, reserve_s: float = 0.0) -> int:
@@ -122,6 +124,7 @@ class FitTimeBudget(pl.Callback):
         if self._timer is not None and self._timer.time_remaining() is None:
             self._timer = None
         self._start_step, self._ref, self._max_steps = trainer.global_step, None, trainer.max_steps
+        self._end_step = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -132,6 +135,8 @@ class FitTimeBudget(pl.Callback):
             self._ref = (trainer.global_step, time.monotonic())
         elif done > 0 and done % self.estimate_at == 0:
             self._replan(trainer)
+        if self._end_step is not None and trainer.global_step >= self._end_step:
+            trainer.should_stop = True  # as at max_time: Lightning validates once more, then stops
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_start = time.monotonic()
@@ -143,16 +148,16 @@ class FitTimeBudget(pl.Callback):
         self._replan(trainer)
 
     def _replan(self, trainer: pl.Trainer) -> None:
-        if self._ref is None or trainer.global_step <= self._ref[0]:
+        if self._ref is None or trainer.global_step <= self._ref[0] or trainer.should_stop:
             return
         step = trainer.global_step
         rate = (step - self._ref[0]) / (time.monotonic() - self._ref[1])
         reserve = self.reserve * self._timer._duration + self._val_seconds
         target = self.plan(step, rate, self._timer.time_remaining(), self._max_steps, reserve)
         target = int(trainer.strategy.broadcast(target))
-        if target == trainer.fit_loop.epoch_loop.max_steps:
+        if target == self._end_step:
             return
-        trainer.fit_loop.epoch_loop.max_steps = target
+        self._end_step = target
         for config in trainer.lr_scheduler_configs:
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
                 if hasattr(schedule, "total_steps"):
