@@ -148,8 +148,9 @@ class TickClock(pl.Callback):
 
 def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_dir, monkeypatch):
     """With max_time and a far larger max_steps, the run stops at the planned step (before the Timer would)
-    after a last validation, with the LR decayed to its floor, and the plan is in the checkpoint's scheduler state (so a resume keeps it).
-    The clock runs 1/8 s per step: the 16 s budget holds 128 steps, less the 3% reserve (3.84 steps)."""
+    after a last validation, with the LR decayed to its floor, and the plan is in the checkpoint's scheduler
+    state (so a resume keeps it). The clock runs 1/8 s per step: the 16 s budget holds 128 steps, less the 3%
+    reserve (3.84 steps)."""
     import pytorch_lightning.callbacks.timer
 
     import unclip.callbacks
