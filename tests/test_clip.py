@@ -231,3 +231,41 @@ def test_precomputed_fields_skip_clip(tiny_checkpoints):
     feats = system.clip_features(batch, ("text_embed", "text_tokens", "text_mask", "image_embed"))
     assert not calls and feats["text_tokens"].dtype == torch.float32 and feats["text_mask"].dtype == torch.bool
     assert torch.allclose(F.normalize(feats["image_embed"], dim=-1), F.normalize(batch["image_embed"].float(), dim=-1))
+
+
+def test_spatial_negatives_mirror_positions_and_keep_everything_else():
+    import random
+
+    from unclip.data.shapes import parse_caption
+    from unclip.data.text import spatial_negative
+
+    rng = random.Random(0)
+    assert spatial_negative("a red circle in the center", rng) is None
+    assert spatial_negative("Above, a cat", rng) == "Below, a cat"
+    assert {spatial_negative("a star in the top left", rng) for _ in range(50)} == {
+        "a star in the bottom left", "a star in the top right", "a star in the bottom right"}
+    changed = 0
+    for i in range(200):
+        _, caption, meta = make_sample(0, "train", i, image_size=16)
+        negative = spatial_negative(caption, rng)
+        if negative is None:
+            continue
+        a, b = parse_caption(caption), parse_caption(negative)
+        assert [(o["shape"], o["colour"], o.get("size")) for o in a["objects"]] == \
+               [(o["shape"], o["colour"], o.get("size")) for o in b["objects"]]
+        assert (a["relation"], a["objects"][0].get("position")) != (b["relation"], b["objects"][0].get("position"))
+        changed += 1
+    assert changed > 120  # every caption but the centred single objects
+
+
+def test_spatial_negative_term_is_logged_and_trains(tmp_path, data_dir):
+    from tests.conftest import train_stage
+
+    train_stage("tiny_clip", tmp_path / "run", data_dir, [
+        "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
+        "model.spatial_negatives=true", "callbacks.model_checkpoint.every_n_train_steps=6"])
+    rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    values = [float(r.split(",")[header.index("train/negative_loss")]) for r in rows[1:]
+              if r.split(",")[header.index("train/negative_loss")]]
+    assert len(values) >= 5 and all(0.0 < v < 5.0 for v in values)  # ~log 2 while the CLIP cannot tell them apart

@@ -11,10 +11,12 @@ grammar (val/zeroshot_<attribute>, val/zeroshot_all; unclip.eval.zero_shot).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from unclip.clip.encoder import ClipEncoder
 from unclip.eval.retrieval import grouped_recall
@@ -32,6 +34,10 @@ class ClipSystem(StageSystem):
             memory at scale, same gradients when gather_with_grad is on).
         gather_with_grad: let gradients flow through the gathered features of other ranks.
         max_logit_scale: the logit scale is clamped to log(max_logit_scale) after each step (100 in CLIP).
+        spatial_negatives: add a hard-negative term: each caption that names a direction gets a copy with its
+            directions mirrored (unclip.data.text.spatial_negative), and the image must prefer its caption
+            over that copy, a 2-way softmax at the CLIP temperature (train/negative_loss).
+        negative_weight: the weight of that term.
         optimizer, warmup_steps, lr_decay, min_lr_ratio, compile: see StageSystem.
     """
 
@@ -43,6 +49,8 @@ class ClipSystem(StageSystem):
         local_loss: bool = False,
         gather_with_grad: bool = True,
         max_logit_scale: float = 100.0,
+        spatial_negatives: bool = False,
+        negative_weight: float = 1.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
@@ -56,6 +64,8 @@ class ClipSystem(StageSystem):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.max_logit_scale = max_logit_scale
+        self.spatial_negatives = spatial_negatives
+        self.negative_weight = negative_weight
         self.loss_fn = self.val_loss_fn = None
         self.save_hyperparameters(ignore=["encoder", "optimizer"])
         self._val: dict[str, list] = {}
@@ -88,10 +98,33 @@ class ClipSystem(StageSystem):
         image_f, text_f, scale = self.features(batch)
         loss = self.loss_fn(image_f, text_f, scale)
         b = image_f.shape[0]
+        if self.spatial_negatives:
+            negative = self.negative_loss(batch["caption"], image_f, text_f, scale)
+            if negative is not None:
+                self.log("train/negative_loss", negative, batch_size=b)
+                loss = loss + self.negative_weight * negative
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/logit_scale", scale, batch_size=b)
         self.log("train/temperature", 1.0 / scale, batch_size=b)
         return loss
+
+    def negative_loss(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor | None:
+        """Mean 2-way cross-entropy of (image . caption, image . mirrored caption) * scale over the captions that
+        name a direction; None when none does. image_f, text_f: (B, D) unit features."""
+        from unclip.data.text import spatial_negative
+
+        negatives = [spatial_negative(c, random) for c in captions]  # `random` is seeded per rank and step
+        rows = [i for i, n in enumerate(negatives) if n is not None]
+        if not rows:
+            return None
+        tokens = self.encoder.tokenize([negatives[i] for i in rows]).to(self.device)
+        negative_f = self.encoder.model.encode_text(tokens, normalize=True)
+        index = torch.tensor(rows, device=image_f.device)
+        images = image_f.index_select(0, index)
+        logits = scale * torch.stack([(images * text_f.index_select(0, index)).sum(-1),
+                                      (images * negative_f).sum(-1)], dim=1)
+        return F.cross_entropy(logits.float(), torch.zeros(len(rows), dtype=torch.long, device=logits.device))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # as in CLIP: the scale stays at most 100

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import random
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -51,3 +52,38 @@ def class_caption(label: int, class_names: Sequence[str], templates: Sequence[st
     """Caption for class `label`: a template drawn with the sample's `rng`, filled with the class name."""
     template = templates[0] if len(templates) == 1 else rng.choice(templates)
     return template.format(class_names[label])
+
+
+# Spatial words and their opposites, by axis (hard negatives for contrastive training).
+SPATIAL_OPPOSITES: dict[str, dict[str, str]] = {
+    "vertical": {"top": "bottom", "bottom": "top", "upper": "lower", "lower": "upper", "above": "below",
+                 "below": "above", "over": "under", "under": "over", "beneath": "above"},
+    "horizontal": {"left": "right", "right": "left"},
+}
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def spatial_negative(caption: str, rng: random.Random) -> str | None:
+    """The caption with its spatial words mirrored on one or both axes ("a red circle in the top left" ->
+    "... bottom left", "... top right" or "... bottom right"), or None when it names no direction.
+
+    A hard negative that differs from the caption only in where things are, in the spirit of NegCLIP
+    (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"): in-batch
+    negatives almost never differ from a positive by position alone, so contrastive training alone learns
+    position last.
+    """
+    words = {m.group().lower() for m in _WORD.finditer(caption)}
+    axes = [axis for axis, swaps in SPATIAL_OPPOSITES.items() if words & swaps.keys()]
+    if not axes:
+        return None
+    choices = [[a] for a in axes] + ([axes] if len(axes) > 1 else [])
+    swaps = {k: v for axis in choices[int(rng.random() * len(choices))] for k, v in SPATIAL_OPPOSITES[axis].items()}
+
+    def swap(match: re.Match) -> str:
+        word = match.group()
+        new = swaps.get(word.lower())
+        if new is None:
+            return word
+        return new.capitalize() if word[0].isupper() else new
+
+    return _WORD.sub(swap, caption)
