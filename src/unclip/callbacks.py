@@ -152,8 +152,9 @@ class FitTimeBudget(pl.Callback):
             return
         step = trainer.global_step
         rate = (step - self._ref[0]) / (time.monotonic() - self._ref[1])
-        reserve = self.reserve * self._timer._duration + self._val_seconds
-        target = self.plan(step, rate, self._timer.time_remaining(), self._max_steps, reserve)
+        remaining = self._timer.time_remaining()
+        reserve = self.reserve * (self._timer.time_elapsed() + remaining) + self._val_seconds
+        target = self.plan(step, rate, remaining, self._max_steps, reserve)
         target = int(trainer.strategy.broadcast(target))
         if target == self._end_step:
             return
@@ -162,7 +163,7 @@ class FitTimeBudget(pl.Callback):
             for schedule in getattr(config.scheduler, "lr_lambdas", []):
                 if hasattr(schedule, "total_steps"):
                     schedule.total_steps = target
-        rank_zero_info(f"time budget: {rate:.2f} steps/s at step {step}, {self._timer.time_remaining():.0f} s "
+        rank_zero_info(f"time budget: {rate:.2f} steps/s at step {step}, {remaining:.0f} s "
                        f"left -> the run and its LR schedule end at step {target}")
 
 

@@ -80,13 +80,12 @@ class ClipSystem(StageSystem):
         # Validation batches differ between ranks (finite shards, a partial last batch): no gathering there;
         # the logged value is averaged over ranks instead.
         self.val_loss_fn = ClipLoss(cache_labels=False)
-        if stage == "fit" and self.compile_net and "_train_model" not in self.__dict__:
-            backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
-            object.__setattr__(self, "_train_model", torch.compile(self.encoder.model, backend=backend))
+        if stage == "fit":
+            self.compile_for_training(self.encoder.model)
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit image and text features (B, D) and the logit scale exp(s)."""
-        model = self.__dict__.get("_train_model", self.encoder.model) if self.training else self.encoder.model
+        model = self.__dict__.get("_train_net", self.encoder.model) if self.training else self.encoder.model
         images = self.encoder.preprocess(batch.get("clip_image", batch["image"]))
         tokens = self.encoder.tokenize(batch["caption"]).to(self.device)
         out = model(images, tokens)

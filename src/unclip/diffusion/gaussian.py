@@ -135,11 +135,9 @@ class GaussianDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GaussianDiffusion:
         """The inverse of `config` (checkpoints written before a key existed get its default)."""
-        keys = {"num_train_timesteps": "num_timesteps", "beta_schedule": "beta_schedule",
-                "prediction_type": "prediction_type", "beta_start": "beta_start", "beta_end": "beta_end",
-                "loss_weighting": "loss_weighting", "min_snr_gamma": "min_snr_gamma",
-                "learn_sigma": "learn_sigma", "vlb_weight": "vlb_weight", "vlb_clamp": "vlb_clamp"}
-        return cls(**{arg: config[key] for key, arg in keys.items() if key in config})
+        args = dict(config)
+        args["num_timesteps"] = args.pop("num_train_timesteps")
+        return cls(**args)
 
     def make_scheduler(self, name: str = "ddim", **kwargs: Any):
         """A diffusers scheduler integrating this schedule; see `unclip.diffusion.sampling.make_scheduler`."""

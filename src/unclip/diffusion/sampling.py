@@ -34,7 +34,7 @@ SCHEDULERS = {
 }
 
 __all__ = ["SCHEDULERS", "make_scheduler", "guided_denoiser", "sample_loop", "ddim_invert", "make_generators",
-           "mean_output"]
+           "has_variance", "mean_output"]
 
 
 def _scheduler_class(name: str):
@@ -116,7 +116,7 @@ def guided_denoiser(
             masks[name] = torch.cat([first, ~keep])
         out = net(torch.cat([x, x]), torch.cat([t, t]), **cond2, **masks)
         c, u = out.float().chunk(2)  # the extrapolation in fp32, whatever the autocast dtype
-        if c.ndim > 2 and c.shape[1] == 2 * x.shape[1]:  # learned variance: guide the mean, keep cond's variance
+        if has_variance(c, x):  # learned variance: guide the mean, keep the conditional branch's variance
             (c, variance), u = c.chunk(2, dim=1), u.chunk(2, dim=1)[0]
             return torch.cat([u + cond_scale * (c - u), variance], dim=1)
         return u + cond_scale * (c - u)
@@ -124,10 +124,15 @@ def guided_denoiser(
     return denoise
 
 
+def has_variance(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a net output for images x (B, C, H, W) carries a learned variance: (B, 2C, H, W)."""
+    return out.ndim > 2 and out.shape[1] == 2 * x.shape[1]
+
+
 def mean_output(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The mean prediction of a net output (B, C or 2C, ...) for x (B, C, ...): a learned variance's C channels
     are dropped (for every scheduler but ancestral DDPM with variance_type="learned_range")."""
-    return out[:, : x.shape[1]] if out.ndim > 2 and out.shape[1] == 2 * x.shape[1] else out
+    return out[:, : x.shape[1]] if has_variance(out, x) else out
 
 
 def make_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:

@@ -123,10 +123,15 @@ class StageSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ nets
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.compile_net and hasattr(self, "net") and "_train_net" not in self.__dict__:
+        if stage == "fit" and hasattr(self, "net"):
+            self.compile_for_training(self.net)
+
+    def compile_for_training(self, module: nn.Module) -> None:
+        """With `compile` set, keep a compiled `module` for the training step (`train_net`), once. It is not
+        registered as a submodule: the state dict, optimizer and EMA see only the module itself."""
+        if self.compile_net and "_train_net" not in self.__dict__:
             backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
-            # Not registered as a submodule: the state dict, optimizer and EMA see only `net`.
-            object.__setattr__(self, "_train_net", torch.compile(self.net, backend=backend))
+            object.__setattr__(self, "_train_net", torch.compile(module, backend=backend))
 
     @property
     def train_net(self) -> nn.Module:
