@@ -110,3 +110,12 @@ def test_the_demo_path_end_to_end(tmp_path, data_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert {"clip_score", "fd_clip"} <= set(summary["metrics"])
     assert "samples" in proc.stdout and str(out / "eval" / "eval.md") in proc.stdout
+
+
+def test_evaluate_takes_one_shard_pattern_as_a_string(tiny_checkpoints, compose_cfg, tmp_path, data_dir):
+    """`shards='data/.../*.tar'` (one pattern, as the docs write it) as well as a list."""
+    pattern = str(data_dir / "shapes_tiny" / "heldout" / "*.tar")
+    cfg = compose_cfg("evaluate", [f"ckpt={tiny_checkpoints['clip']}", "data=shapes_tiny", f"shards={pattern}",
+                                   "num_samples=12", "batch_size=6", "num_workers=0"], tmp_path)
+    evaluate(cfg)
+    assert json.loads((tmp_path / "eval.json").read_text())["shards"] == [pattern]

@@ -54,10 +54,7 @@ def _batches(cfg: DictConfig, image_size: int, lowres_size: int | None, device: 
     equally between them, so every split is represented.
     """
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    specs = cfg.shards or data.get("val_shards")
-    if not specs:
-        raise ValueError("no real images to evaluate against: set shards=... or data.val_shards=...")
-    specs = [specs] if isinstance(specs, str) else list(specs)
+    specs = shard_specs(cfg)
     total = int(cfg.num_samples)
     budgets = [total // len(specs) + (i < total % len(specs)) for i in range(len(specs))]
     with tqdm(total=total, desc="evaluating", unit="img") as bar:
@@ -104,6 +101,14 @@ def _clip_for(cfg: DictConfig, identity: dict | None, stages: list[LoadedStage],
     return clip.to(device)
 
 
+def shard_specs(cfg: DictConfig) -> list[str]:
+    """The real-image shard patterns: `shards=` (one pattern or a list) or else the data config's val_shards."""
+    specs = cfg.shards or cfg.data.get("val_shards")
+    if not specs:
+        raise ValueError("no real images to evaluate against: set shards=... or data.val_shards=...")
+    return [str(specs)] if isinstance(specs, str) else list(OmegaConf.to_container(specs, resolve=True))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config asks for; writes eval.json / eval.md (and samples.png) to the run dir."""
     torch.manual_seed(int(cfg.seed))
@@ -123,7 +128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("nothing to evaluate: pass ckpt=<stage checkpoint> or pipeline.decoder=<checkpoint> "
                          "(with pipeline.prior=... for text-to-image)")
     extra = {"stage": stage, "version": unclip.__version__, "seed": int(cfg.seed), "device": str(device),
-             "shards": OmegaConf.to_container(cfg.shards or cfg.data.val_shards, resolve=True), **extra}
+             "shards": shard_specs(cfg), **extra}
     if samples:
         extra["samples_grid"] = str(save_png(grid(samples), out_dir / "samples.png"))
     json_path, md_path = write_report(metrics, out_dir, title, extra)
