@@ -31,7 +31,7 @@ from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import ddim_invert, guided_denoiser
-from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsampler_cond
+from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsample_images
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +251,11 @@ class UnCLIPPipeline:
             system = stage.meta["system"]
             stage_name = "upsampler" if i == 0 else "upsampler_1024"  # seed offsets
             level = int(system.get("sample_noise_level", 0)) if stage.net.config.get("noise_level_cond") else None
-            cond = upsampler_cond(images, stage.net.config["image_size"], stage.diffusion.to(images.device), level,
-                                  seeds=self.stage_seeds(seeds, stage_name))
             with self._on_device(stage) as s:
-                images = sample_images(s.net, s.diffusion, cond, self._image_shape(s, len(seeds)), sampler, (),
-                                       seeds=self.stage_seeds(seeds, stage_name),
-                                       progress=progress, desc=stage.name)
+                images = upsample_images(s.net, s.diffusion, images, s.net.config["image_size"], sampler, level,
+                                         residual=bool(system.get("residual", False)),
+                                         seeds=self.stage_seeds(seeds, stage_name), progress=progress,
+                                         desc=stage.name)
             outs.append(images)
         return outs
 
