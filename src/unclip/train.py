@@ -33,6 +33,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one stage; returns the final metrics and the path of the last checkpoint."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    if cfg.get("prepare_only"):  # e.g. generate `shapes` once before several stages start side by side
+        datamodule.prepare_data()
+        return {"metrics": {}, "checkpoint": None, "global_step": 0}
     model = instantiate(cfg.model)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
