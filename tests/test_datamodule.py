@@ -427,8 +427,9 @@ def test_lightning_pops_data_stats_and_counts_samples(tmp_path: Path) -> None:
     spec, good_keys = bad_shards(tmp_path)
     prepared = []
     dm = WebDataModule(
-        train_shards=spec, image_size=32, batch_size=4, num_workers=2, resampled=True, epoch_length=32, shuffle_buffer=8,
-        max_image_pixels=10_000, pin_memory=False, prepare=lambda: prepared.append(True), uint8_transfer=True,
+        train_shards=spec, image_size=32, batch_size=4, num_workers=2, resampled=True, epoch_length=32,
+        shuffle_buffer=8, max_image_pixels=10_000, pin_memory=False, prepare=lambda: prepared.append(True),
+        uint8_transfer=True,
     )  # fmt: skip
     model = KeyRecorder()
     fit(model, dm, devices=1)
