@@ -266,7 +266,8 @@ class ExceptionCheckpoint(OnExceptionCheckpoint):
 
 
 class DataStatsLogger(pl.Callback):
-    """Logs the data layer's skipped-sample counts by reason (`data/skipped_<reason>`) and samples seen."""
+    """Logs the data layer's skipped-sample counts by reason (`data/skipped_<reason>`) and samples seen, and
+    after each validation the validation stream's totals (`data/val_skipped`, `data/val_skipped_<reason>`)."""
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = every_n_steps
@@ -280,6 +281,29 @@ class DataStatsLogger(pl.Callback):
         metrics["data/samples_seen"] = float(dm.samples_seen())
         # Counts are per rank: summed over ranks they are the global totals.
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "skipped_counts") or trainer.sanity_checking:
+            return
+        counts = _summed_over_ranks(trainer, dm.skipped_counts("val"))
+        metrics = {"data/val_skipped": float(sum(counts.values()))}
+        metrics |= {f"data/val_skipped_{k}": float(v) for k, v in sorted(counts.items())}
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # already global totals
+
+
+def _summed_over_ranks(trainer: pl.Trainer, counts: dict[str, int]) -> dict[str, int]:
+    """Counts by reason summed over ranks (ranks may know different reasons, so gathered as objects; once per
+    validation)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return dict(counts)
+    gathered: list[dict[str, int] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for rank_counts in gathered:
+        for reason, n in (rank_counts or {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def batch_size(batch: dict[str, Any]) -> int:

@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import unclip.config  # noqa: F401  (registers the config resolvers)
 from unclip.checkpoint import CheckpointError, check_resume_checkpoint
+from unclip.config import check_config  # (importing it registers the config resolvers)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit one stage; returns the final metrics and the path of the last checkpoint."""
+    check_config(cfg, ("data", "model", "trainer", "callbacks", "logger"))  # wrong types fail here, not mid-fit
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

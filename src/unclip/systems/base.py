@@ -23,7 +23,7 @@ from torch import nn
 import unclip
 from unclip.clip.encoder import ClipEncoder
 
-__all__ = ["FrozenRef", "StageSystem", "WarmupCosine", "plain", "warmup_cosine"]
+__all__ = ["FrozenRef", "StageSystem", "WarmupCosine", "net_for_clip", "plain", "warmup_cosine"]
 
 
 class FrozenRef:
@@ -47,6 +47,24 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def net_for_clip(net: nn.Module | Callable[..., nn.Module], clip: ClipEncoder | None,
+                 widths: dict[str, str]) -> nn.Module:
+    """The net, or, given a partial (the configs' `_partial_: true`), the net built with the widths it leaves
+    unset (None) taken from the CLIP encoder, so any CLIP works with any preset: `widths` maps net argument
+    -> ClipEncoder attribute (e.g. {"embed_dim": "embed_dim"}). A width set on the command line is kept (and
+    checked against the CLIP by the system)."""
+    if isinstance(net, nn.Module):
+        return net
+    keywords = getattr(net, "keywords", {})
+    unset = [arg for arg in widths if keywords.get(arg) is None]
+    fill = {arg: getattr(clip, widths[arg], None) for arg in unset}
+    missing = [arg for arg, value in fill.items() if value is None]
+    if missing:
+        raise ValueError(f"model.net leaves {', '.join(missing)} unset and the CLIP encoder cannot tell them: "
+                         f"set model.net.{missing[0]}=...")
+    return net(**fill)
 
 
 class StageSystem(pl.LightningModule):
