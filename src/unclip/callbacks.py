@@ -232,7 +232,8 @@ class StopOnDivergence(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         params = [p for p in pl_module.parameters() if p.is_floating_point()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):  # sharded weights: every rank agrees
             raise TrainingDiverged(f"training diverged: the weights are non-finite (NaN/inf) at step "
                                    f"{trainer.global_step} and were not saved; {self._last_good(trainer)}")
 
