@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import build_net, load_stage_checkpoint, net_state_dict
+from unclip.checkpoint import build_net, clip_mismatch, load_stage_checkpoint, net_state_dict
 from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
@@ -93,17 +93,10 @@ def clip_from_identity(identity: dict[str, Any]) -> ClipEncoder:
 def check_clip_identity(clip: ClipEncoder, stages: Sequence[LoadedStage]) -> None:
     """Every stage must have been trained against this CLIP (same weights hash and embedding size)."""
     for stage in stages:
-        recorded = stage.meta.get("clip")
-        if not recorded:
-            continue
-        for key in ("embed_dim", "weights_sha256"):
-            if recorded.get(key) != clip.identity.get(key):
-                raise ValueError(
-                    f"CLIP mismatch: the {stage.name} checkpoint {stage.path} was trained with a CLIP whose "
-                    f"{key}={recorded.get(key)!r} ({recorded.get('model_name') or 'architecture'}, "
-                    f"{recorded.get('pretrained') or recorded.get('checkpoint') or 'random init'}), but the "
-                    f"pipeline's CLIP has {key}={clip.identity.get(key)!r}"
-                )
+        why = clip_mismatch(stage.meta.get("clip"), clip.identity)
+        if why:
+            raise ValueError(f"CLIP mismatch: the {stage.name} checkpoint {stage.path} was trained with a CLIP whose "
+                             f"{why}; all stages must share one CLIP")
 
 
 class UnCLIPPipeline:

@@ -106,7 +106,8 @@ class ClipSystem(StageSystem):
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit image and text features (B, D) and the logit scale exp(s)."""
-        model = self.__dict__.get("_train_net", self.encoder.model) if self.training else self.encoder.model
+        compiled = self.__dict__.get("_train_net")  # a FrozenRef (StageSystem.compile_for_training)
+        model = compiled.module if self.training and compiled is not None else self.encoder.model
         images = self.encoder.preprocess(batch.get("clip_image", batch["image"]))
         tokens = self.encoder.tokenize(batch["caption"]).to(self.device)
         out = model(images, tokens)

@@ -29,8 +29,8 @@ from unclip.clip.encoder import ClipEncoder
 from unclip.data.degradation import bsr_degrade, gaussian_blur_aug, paired_random_crop
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsample_images, upsampler_cond
-from unclip.systems.base import StageSystem, plain
 from unclip.nets.unet import resize_lowres
+from unclip.systems.base import StageSystem, net_for_clip, plain
 from unclip.utils.images import grid, save_png
 
 __all__ = ["DecoderSystem", "UpsamplerSystem", "psnr"]
@@ -159,7 +159,8 @@ class DecoderSystem(ImageStageSystem):
     """LightningModule of the 64 px decoder (GLIDE-style UNet conditioned on CLIP).
 
     Args:
-        net: a UNet built with image_embed_dim (and text_token_dim to use the caption's token encodings).
+        net: a UNet built with image_embed_dim (and text_token_dim to use the caption's token encodings), or a
+            partial of one: the widths it leaves None (image_embed_dim, text_token_dim) come from the CLIP.
         diffusion: forward process and loss (v prediction with min-SNR weighting is a good default).
         clip: the frozen CLIP encoder.
         image_drop_prob: probability of dropping the image embedding in training (0.1 in the paper).
@@ -174,7 +175,7 @@ class DecoderSystem(ImageStageSystem):
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: torch.nn.Module | Callable[..., torch.nn.Module],
         diffusion: GaussianDiffusion,
         clip: ClipEncoder | None = None,
         image_drop_prob: float = 0.1,
@@ -189,6 +190,7 @@ class DecoderSystem(ImageStageSystem):
         compile: bool | str = False,
     ) -> None:
         sampler = plain(sampler)
+        net = net_for_clip(net, clip, {"image_embed_dim": "embed_dim", "text_token_dim": "token_dim"})
         super().__init__(net, diffusion, clip, sampler, num_val_samples, val_seed, optimizer, warmup_steps,
                          lr_decay, min_lr_ratio, compile)
         cfg = net.config
