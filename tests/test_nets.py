@@ -309,7 +309,8 @@ def all_nets():
         (PriorTransformer(**TINY_PRIOR), prior_inputs(), run_prior),
         (UNet(**TINY_DECODER), decoder_inputs(), run_unet),
         (UNet(**TINY_UPSAMPLER), upsampler_inputs(), run_unet),
-        (UNet(**TINY_DECODER, coord_channels=True, text_pool=True), decoder_inputs(), run_unet),
+        (UNet(**TINY_DECODER, coord_channels=True, text_pool=True, position_embedding=True), decoder_inputs(),
+         run_unet),
     ]
 
 
@@ -345,6 +346,18 @@ def test_coordinate_channels_and_pooled_caption_reach_the_output():
                                run_unet(pooled, inputs, text_drop_mask=dropped))
     with pytest.raises(ValueError, match="coord_channels"):
         UNet(**TINY_UPSAMPLER, coord_channels=True)
+
+
+def test_position_embedding_starts_at_zero_learns_and_fixes_the_size():
+    plain = perturb(UNet(**TINY_DECODER)).eval()
+    pos = UNet(**TINY_DECODER, position_embedding=True).eval()
+    pos.load_state_dict({**plain.state_dict(), "position_embedding": pos.position_embedding.detach()})
+    inputs = decoder_inputs()
+    torch.testing.assert_close(run_unet(pos, inputs), run_unet(plain, inputs))  # zero at init: the same net
+    run_unet(pos.train(), inputs).square().mean().backward()
+    assert pos.position_embedding.grad is not None and pos.position_embedding.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="position embedding"):
+        run_unet(pos, decoder_inputs(size=16))
 
 
 @pytest.mark.parametrize("index", range(4))

@@ -8,7 +8,8 @@ One class serves both stages (Ramesh et al. 2022):
   `coord_channels` adds each pixel's coordinates to the input, so captions that say where things are can be
   followed from the first layer on; `text_pool` also adds the caption's mean token state to the
   conditioning embedding (GLIDE adds its final token's there, section 2.3), a direct global path for what
-  the caption says, next to attention.
+  the caption says, next to attention; `position_embedding` adds a learned map per input feature (the
+  net then runs at its training size only).
 - upsamplers (section 2.1, appendix C): no text, no attention; the low-resolution image is resized to the
   output size and concatenated to x_t on channels (`lowres_cond`), and the level of the noise that
   corrupted it in training is embedded like a timestep (`noise_level_cond`, Ho et al. 2021, "Cascaded
@@ -182,6 +183,7 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
         coord_channels: bool = False,
         text_pool: bool = False,
+        position_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -203,6 +205,8 @@ class UNet(nn.Module):
             raise ValueError("coord_channels is for nets that run at their training size; an upsampler trains on "
                              "crops, where image coordinates would mean something else at full size")
         self.coord_channels = coord_channels
+        if position_embedding and lowres_cond:
+            raise ValueError("position_embedding is for nets that run at their training size, not upsamplers")
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         emb_dim = 4 * model_channels
         self.context_dim = context_dim = emb_dim
@@ -231,6 +235,10 @@ class UNet(nn.Module):
         ch = model_channels
         extra = in_channels if lowres_cond else 2 if coord_channels else 0
         self.conv_in = nn.Conv2d(in_channels + extra, ch, 3, padding=1)
+        # A learned map per input feature (zero at init), as ViT's position embedding: with the conditioning's
+        # scale-shift it makes "an object there" one multiplication away.
+        self.position_embedding = (nn.Parameter(torch.zeros(1, ch, image_size, image_size))
+                                   if position_embedding else None)
         self.down = nn.ModuleList()
         skips, res = [ch], image_size
         for level, mult in enumerate(channel_mult):
@@ -380,6 +388,8 @@ class UNet(nn.Module):
         if self.coord_channels:
             h = torch.cat([h, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
         h = self.conv_in(h)  # (B, model_channels, H, W)
+        if self.position_embedding is not None:
+            h = h + self.position_embedding.to(h.dtype)
         skips = [h]
         for block in self.down:
             h = self._run(block, h, emb, context, context_mask)
@@ -414,6 +424,9 @@ class UNet(nn.Module):
         if H % f or W % f:
             raise ValueError(f"x_t is {H}x{W}, but this UNet downsamples by {f}: H and W must be multiples of {f}")
         _check_shape("t", t, (B,))
+        if self.position_embedding is not None and (H, W) != tuple(self.position_embedding.shape[-2:]):
+            raise ValueError(f"x_t is {H}x{W}, but this UNet has a position embedding for its training size "
+                             f"{self.position_embedding.shape[-1]} px; sample at that size")
 
         has_image, has_text = self.image_embed_dim is not None, self.text_token_dim is not None
         _check_presence(
