@@ -142,7 +142,7 @@ class LaneSource(IterableDataset):
 
 def _borrow(source: Iterator[dict]) -> Iterator[dict]:
     """Iterate `source` without closing it when this iterator is dropped (the next epoch continues it)."""
-    for item in source:
+    for item in source:  # noqa: UP028  (`yield from` would close `source` along with this generator)
         yield item
 
 
