@@ -114,3 +114,11 @@ def test_finite_lanes_split_the_epochs_shards():
     lanes = [lane_shards(urls, 0, 3, r, 2, lane, 2) for r in (0, 1) for lane in (0, 1)]
     assert sorted(u for lane in lanes for u in lane) == urls
     assert lane_shards(urls, 0, 3, 0, 2, 0, 2) != lane_shards(urls, 0, 4, 0, 2, 0, 2)
+
+
+def test_epochs_differ_when_the_loader_is_iterated_without_the_hook(shards):
+    spec, _ = shards
+    dm = make_dm(spec, num_workers=2)
+    loader = dm.train_dataloader()
+    first, second = ([tuple(b["key"]) for b in loader] for _ in range(2))
+    assert len(first) == len(second) == 8 and first != second

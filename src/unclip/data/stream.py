@@ -53,9 +53,11 @@ def lane_shards(urls: list[str], seed: int, epoch: int, rank: int, world_size: i
     return order[rank::world_size][lane::num_lanes]
 
 
-def drawn_shards(urls: list[str], seed: int, salt: int, rank: int, lane: int, segment: int, count: int) -> list[str]:
-    """Resampled stream: the `count` shards of one segment, drawn with replacement."""
-    rng = seeded_rng("draw", seed, salt, rank, lane, segment)
+def drawn_shards(urls: list[str], seed: int, salt: int, rank: int, lane: int, epoch: int, segment: int,
+                 count: int) -> list[str]:
+    """Resampled stream: the `count` shards of one segment, drawn with replacement (`epoch` stays 0 in a run;
+    see StreamState.begin_epoch)."""
+    rng = seeded_rng("draw", seed, salt, rank, lane, epoch, segment)
     return [rng.choice(urls) for _ in range(count)]
 
 
@@ -128,7 +130,7 @@ class LaneSource(IterableDataset):
     def _shards(self, lane: int, epoch: int, segment: int, salt: int) -> list[str]:
         n = self.shards_per_segment
         if self.resampled:
-            return drawn_shards(self.urls, self.seed, salt, self.rank, lane, segment, n)
+            return drawn_shards(self.urls, self.seed, salt, self.rank, lane, epoch, segment, n)
         mine = lane_shards(self.urls, self.seed, epoch, self.rank, self.world_size, lane, self.num_lanes)
         return mine[segment * n : (segment + 1) * n]
 
@@ -186,7 +188,9 @@ class StreamState:
         """The plan rows for the DataLoader epoch about to start (a new epoch once the last one ran out)."""
         if self.exhausted:
             self.epoch += 1
-            if self.quota < 0:
+            # Finite: the next epoch's shards. Resampled streams continue, unless no batch was reported
+            # (code iterating the loader without `on_before_batch_transfer`): then a stream of the new epoch.
+            if self.quota < 0 or not any(self.consumed):
                 self.positions = [[self.epoch, 0, 0] for _ in range(self.num_lanes)]
             self.consumed, self.next_lane, self.exhausted = [0] * self.num_lanes, 0, False
         rows = []
