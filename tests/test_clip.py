@@ -269,3 +269,36 @@ def test_spatial_negative_term_is_logged_and_trains(tmp_path, data_dir):
     values = [float(r.split(",")[header.index("train/negative_loss")]) for r in rows[1:]
               if r.split(",")[header.index("train/negative_loss")]]
     assert len(values) >= 5 and all(0.0 < v < 5.0 for v in values)  # ~log 2 while the CLIP cannot tell them apart
+
+
+def test_mirror_twins_are_flipped_images_with_the_captions_that_describe_them():
+    """Every twin must be what the generator would caption its way: ShapesEval reads the flipped image and
+    the mirrored caption agrees on every stated attribute; rows without a flippable direction are kept."""
+    import random
+
+    from unclip.eval.shapes_eval import read_scene, score_scene
+
+    samples = [make_sample(3, "train", i, image_size=64) for i in range(64)]
+    images = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+                          for im, _, _ in samples])
+    captions = [c for _, c, _ in samples]
+    system = ClipSystem.__new__(ClipSystem)  # the twin maker needs only its settings
+    system.mirror_twins, system.mirror_axes, system.no_vertical_words = 0.5, ("horizontal", "vertical"), {"star", "triangle"}
+    random.seed(0)
+    out = ClipSystem.with_mirror_twins(system, {"image": images, "caption": captions})
+    assert torch.equal(out["image"][:32], images[:32]) and out["caption"][:32] == captions[:32]
+    twins = [j for j in range(32, 64) if out["caption"][j] != captions[j]]
+    assert len(twins) > 20
+    flips = {"h": 0, "v": 0}
+    for j in range(32, 64):
+        assert score_scene(read_scene(out["image"][j]), out["caption"][j])["all"], out["caption"][j]
+        if j in twins:
+            source = images[j - 32]
+            flips["h" if torch.equal(out["image"][j], source.flip(-1)) else "v"] += 1
+            if torch.equal(out["image"][j], source.flip(-2)):
+                assert not {"star", "triangle"} & set(out["caption"][j].lower().replace(",", " ").split())
+        else:
+            assert torch.equal(out["image"][j], images[j])
+    assert flips["h"] > 0 and flips["v"] > 0
+    with pytest.raises(ValueError, match="mirror_twins"):
+        ClipSystem(ClipEncoder(**tiny_cfg(), trainable=True), mirror_twins=0.7)

@@ -256,7 +256,7 @@ def test_finite_mode_reduces_workers_to_the_shard_count(tmp_path: Path, caplog) 
 
 def test_resampled_mode_yields_the_configured_epoch_length(tmp_path: Path) -> None:
     jpg_txt_shards(tmp_path, 3, 4)
-    dm = make_dm(train_shards=pattern(tmp_path, 3), epoch_length=48, batch_size=4, num_workers=2)
+    dm = make_dm(train_shards=pattern(tmp_path, 3), resampled=True, epoch_length=48, batch_size=4, num_workers=2)
     loader = dm.train_dataloader()
     assert len(loader) == 12  # 48 samples / (1 rank x 2 workers x 4 per batch) = 6 batches per worker
     first, second = keys_of(drain(loader, dm)), keys_of(drain(loader, dm))
@@ -372,7 +372,7 @@ def test_unreadable_remote_shard_is_counted(tmp_path: Path) -> None:
 def test_setup_errors_name_the_pattern(tmp_path: Path) -> None:
     missing = str(tmp_path / "nothing-*.tar")
     with pytest.raises(ValueError, match="nothing-\\*.tar.*matches no shard"):
-        make_dm(train_shards=missing, epoch_length=8)
+        make_dm(train_shards=missing, resampled=True, epoch_length=8)
     jpg_txt_shards(tmp_path, 2, 2)
     with pytest.raises(ValueError, match="00002.tar does not exist"):
         make_dm(val_shards=pattern(tmp_path, 3))
@@ -382,7 +382,7 @@ def test_setup_errors_name_the_pattern(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="s3:"):
         make_dm(val_shards="s3://bucket/{0..3}.tar")
     with pytest.raises(ValueError, match="epoch_length"):
-        WebDataModule(train_shards=pattern(tmp_path, 2))
+        WebDataModule(train_shards=pattern(tmp_path, 2), resampled=True)
     with pytest.raises(ValueError, match="lowres_size"):
         WebDataModule(image_size=32, lowres_size=64)
 
@@ -427,8 +427,9 @@ def test_lightning_pops_data_stats_and_counts_samples(tmp_path: Path) -> None:
     spec, good_keys = bad_shards(tmp_path)
     prepared = []
     dm = WebDataModule(
-        train_shards=spec, image_size=32, batch_size=4, num_workers=2, epoch_length=32, shuffle_buffer=8,
-        max_image_pixels=10_000, pin_memory=False, prepare=lambda: prepared.append(True), uint8_transfer=True,
+        train_shards=spec, image_size=32, batch_size=4, num_workers=2, resampled=True, epoch_length=32,
+        shuffle_buffer=8, max_image_pixels=10_000, pin_memory=False, prepare=lambda: prepared.append(True),
+        uint8_transfer=True,
     )  # fmt: skip
     model = KeyRecorder()
     fit(model, dm, devices=1)
@@ -459,3 +460,12 @@ def test_imagenet_class_names_come_from_open_clip():
 
     names = resolve_class_names("imagenet")
     assert len(names) == 1000 and names[0] == "tench" and all(isinstance(n, str) and n for n in names)
+
+
+def test_shards_alone_make_a_working_module(tmp_path):
+    """The defaults work for a user who passes only shards: each sample once per epoch, no epoch_length."""
+    keys = jpg_txt_shards(tmp_path, 2, 3)
+    dm = WebDataModule(train_shards=pattern(tmp_path, 2), batch_size=2, num_workers=0, pin_memory=False)
+    dm.setup("fit")
+    seen = keys_of(drain(dm.train_dataloader(), dm))
+    assert len(seen) == 6 and sorted(seen) == sorted(keys)

@@ -309,10 +309,45 @@ def all_nets():
         (PriorTransformer(**TINY_PRIOR), prior_inputs(), run_prior),
         (UNet(**TINY_DECODER), decoder_inputs(), run_unet),
         (UNet(**TINY_UPSAMPLER), upsampler_inputs(), run_unet),
+        (UNet(**TINY_DECODER, coord_channels=True, text_pool=True), decoder_inputs(), run_unet),
     ]
 
 
-@pytest.mark.parametrize("index", range(3))
+def test_coordinate_channels_and_pooled_caption_reach_the_output():
+    """coord_channels: the net knows where each pixel is, so a flat input no longer gives a translation-invariant
+    output; text_pool: a caption token changes the output even with every attention layer silenced."""
+    flat = {**decoder_inputs(), "x_t": torch.zeros(B, 3, 32, 32)}
+    plain = perturb(UNet(**TINY_DECODER)).eval()
+    coords = UNet(**TINY_DECODER, coord_channels=True).eval()
+    coords.load_state_dict({**coords.state_dict(), **{k: v for k, v in plain.state_dict().items()
+                                                       if k != "conv_in.weight"}})
+    with torch.no_grad():
+        coords.conv_in.weight[:, :3] = plain.conv_in.weight
+        coords.conv_in.weight[:, 3:] = 0.0
+    torch.testing.assert_close(run_unet(coords, flat), run_unet(plain, flat))  # zero coordinate weights: same net
+    with torch.no_grad():
+        coords.conv_in.weight[:, 3:] = 0.5
+    out = run_unet(coords, flat)
+    assert not torch.allclose(out, run_unet(plain, flat))
+    assert not torch.allclose(out[..., :16, :], out[..., 16:, :].flip(-2))  # top and bottom now differ
+
+    pooled = perturb(UNet(**TINY_DECODER, text_pool=True)).eval()
+    with torch.no_grad():
+        for module in pooled.modules():
+            if module.__class__.__name__ == "AttentionBlock":
+                module.attn.proj.weight.zero_(), module.attn.proj.bias.zero_()  # no path through attention
+    inputs = decoder_inputs()
+    tokens = inputs["text_tokens"].clone()
+    tokens[:, 1] += 1.0
+    assert not torch.allclose(run_unet(pooled, inputs, text_tokens=tokens), run_unet(pooled, inputs))
+    dropped = torch.ones(B, dtype=torch.bool)  # a dropped caption pools to nothing: tokens cannot leak
+    torch.testing.assert_close(run_unet(pooled, inputs, text_tokens=tokens, text_drop_mask=dropped),
+                               run_unet(pooled, inputs, text_drop_mask=dropped))
+    with pytest.raises(ValueError, match="coord_channels"):
+        UNet(**TINY_UPSAMPLER, coord_channels=True)
+
+
+@pytest.mark.parametrize("index", range(4))
 def test_config_rebuilds_identical_net(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net).eval()
@@ -323,7 +358,7 @@ def test_config_rebuilds_identical_net(index):
     assert torch.equal(run(rebuilt, inputs), run(net, inputs))
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_bf16_autocast_cpu(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net)
@@ -333,7 +368,7 @@ def test_bf16_autocast_cpu(index):
     out.float().square().mean().backward()
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_dynamo_traces_without_graph_breaks(index):
     """fullgraph=True fails on any graph break; the eager backend checks that in seconds (no codegen)."""
     net, inputs, run = all_nets()[index]

@@ -102,3 +102,19 @@ def test_free_text_prompts_and_accumulation(batches) -> None:
     assert evaluator.compute() == {"n_indist": 0.0, "n_heldout": 0.0}
     with pytest.raises(ValueError):
         evaluator.update(images[:2], metas[:3])
+
+
+def test_judges_each_attribute_only_at_sizes_where_it_reads_the_generator_right() -> None:
+    samples = [make_sample(13, SPLITS[i % 3], i, 128) for i in range(300)]
+    metas = [attributes for _, _, attributes in samples]
+    images = _to_tensor([_jpeg_round_trip(image) for image, _, _ in samples])
+    small = F.interpolate(images, size=32, mode="bilinear", antialias=True, align_corners=False)
+    scores = ShapesEval()(small, metas)
+    assert not any(k.endswith(("/shape", "/all")) for k in scores), "shape is not judged at 32 px"
+    judged = [k for k in scores if not k.startswith("n_")]
+    assert {"indist/colour", "indist/position", "indist/size", "indist/relation", "indist/background"} <= set(judged)
+    assert min(scores[k] for k in judged) >= 0.98, scores
+    scores48 = ShapesEval()(F.interpolate(images, size=48, mode="bilinear", antialias=True, align_corners=False), metas)
+    assert scores48["indist/all"] >= 0.98 and scores48["heldout/all"] >= 0.98, scores48
+    with pytest.raises(ValueError, match="at least 32 px"):
+        ShapesEval()(F.interpolate(images[:2], size=24, mode="bilinear", antialias=True), metas[:2])

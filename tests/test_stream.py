@@ -25,7 +25,7 @@ def shards(tmp_path_factory) -> tuple[str, list[str]]:
 
 
 def make_dm(spec: str, rank: int = 0, world_size: int = 1, **kw) -> WebDataModule:
-    options = dict(train_shards=spec, image_size=8, batch_size=3, num_workers=0, pin_memory=False,
+    options = dict(train_shards=spec, resampled=True, image_size=8, batch_size=3, num_workers=0, pin_memory=False,
                    shuffle_buffer=5, epoch_length=24, random_crop=True, random_flip=True)
     dm = WebDataModule(**{**options, **kw})
     dm.setup("fit")

@@ -1,5 +1,6 @@
-"""Callbacks Lightning lacks: EMA with warm-up, a run length fitted to a time budget, logging of the data
-layer's skip counts, a clean stop on a cluster's preemption signals, and random streams that survive a resume."""
+"""Callbacks Lightning lacks: EMA with warm-up, a run length fitted to a time budget, a stop on divergence, an
+exception checkpoint only after progress, logging of the data layer's skip counts, a clean stop on a cluster's
+preemption signals, and random streams that survive a resume."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Timer, WeightAveraging
+from pytorch_lightning.callbacks import OnExceptionCheckpoint, Timer, WeightAveraging
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
@@ -25,11 +26,16 @@ from unclip.utils.ranks import gather_per_rank
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "DataStatsLogger", "FitTimeBudget", "Preemption", "RNGState", "batch_size"]
+__all__ = ["EMA", "DataStatsLogger", "ExceptionCheckpoint", "FitTimeBudget", "Preemption", "RNGState",
+           "StopOnDivergence", "TrainingDiverged", "batch_size"]
 
 
 class _EMAModel(AveragedModel):
-    """AveragedModel whose update is one fused pass with the decay computed on the device (no host sync)."""
+    """AveragedModel whose update is one fused pass with the decay computed on the device (no host sync).
+
+    Parameters are averaged; buffers (counters such as `nonfinite_steps`, fixed schedules and statistics) are
+    copied, so the copy reports the run's counts rather than an average of them.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float, warmup: bool, device=None) -> None:
         super().__init__(model, device=device, use_buffers=True)
@@ -37,8 +43,10 @@ class _EMAModel(AveragedModel):
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
-        ours = [*self.module.parameters(), *self.module.buffers()]
-        theirs = [*model.parameters(), *model.buffers()]
+        ours, theirs = list(self.module.parameters()), list(model.parameters())
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, [b.to(a.device) for a, b in zip(buffers, model.buffers())])
         floats = [(a, c.detach().to(a.device)) for a, c in zip(ours, theirs) if a.is_floating_point()]
         for a, c in zip(ours, theirs):
             if not a.is_floating_point():
@@ -61,7 +69,9 @@ class EMA(WeightAveraging):
     both; unlike Lightning's, the live weights stay the training ones after fit, so the final `last.ckpt`
     resumes correctly). Beyond Lightning's fixed-decay EMA this one (a) warms the decay up, decay_n = min(decay,
     (1 + n) / (10 + n)) after n updates, so short runs are not dominated by the random initialisation (0.9999
-    remembers ~10k steps), and (b) updates without reading anything back from the GPU.
+    remembers ~10k steps), (b) updates without reading anything back from the GPU, and (c) builds the copy at
+    fit start, on the device the strategy moved the module to (Lightning builds it in `setup`, before the
+    move, so on a GPU the average would live on the CPU and every update would copy all weights across).
 
     Args:
         decay: the EMA decay once warmed up (0.9999 in the paper).
@@ -79,11 +89,27 @@ class EMA(WeightAveraging):
         self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps
         self.start_step = start_step
+        self._restored: dict[str, Any] | None = None  # the average read from a checkpoint before fit start
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            device = self._device or pl_module.device
-            self._average_model = _EMAModel(pl_module, self.decay, self.warmup, device=device)
+        """Nothing yet: the copy is built in `on_fit_start`, once the module is on its device."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._average_model = _EMAModel(pl_module, self.decay, self.warmup, device=self._device or pl_module.device)
+        if self._restored is not None:
+            self._average_model.load_state_dict(self._restored)
+            self._restored = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Lightning restores a resumed checkpoint before fit start (for most strategies): keep the average for
+        `on_fit_start` and load the training weights into the module now."""
+        if self._average_model is not None:
+            return super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
+            self._restored = {"module." + k: v for k, v in checkpoint["state_dict"].items()}
+            self._restored |= checkpoint["averaging_state"]
+            pl_module.load_state_dict(checkpoint["current_model_state"])
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and step_idx % self.update_every_n_steps == 0
@@ -180,8 +206,83 @@ class FitTimeBudget(pl.Callback):
                        f"left -> the run and its LR schedule end at step {target}")
 
 
+class TrainingDiverged(RuntimeError):
+    """Training produced nothing but non-finite losses or gradients, or non-finite weights."""
+
+
+class StopOnDivergence(pl.Callback):
+    """Stops a run that keeps diverging, and never saves non-finite weights over a good checkpoint.
+
+    A step with a non-finite loss or gradient is skipped and counted by the system (`train/nonfinite_steps`);
+    its device-side `nonfinite_streak` counts such steps in a row. It is read every `check_every_n_steps`
+    (one host sync per interval, none in the steps between): at `max_nonfinite_streak` or more the run stops
+    with TrainingDiverged. Before every checkpoint save the weights are checked (one sync per save): non-finite
+    weights (e.g. from `lr=inf`) stop the run instead of being written, so the newest checkpoint on disk is
+    the last good one. The exception checkpoint (ExceptionCheckpoint) is not written either.
+
+    Args:
+        max_nonfinite_streak: consecutive non-finite steps that stop the run.
+        check_every_n_steps: optimizer steps between reads of the streak.
+    """
+
+    def __init__(self, max_nonfinite_streak: int = 100, check_every_n_steps: int = 50) -> None:
+        if max_nonfinite_streak < 1 or check_every_n_steps < 1:
+            raise ValueError("max_nonfinite_streak and check_every_n_steps must be >= 1")
+        self.max_nonfinite_streak, self.check_every_n_steps = max_nonfinite_streak, check_every_n_steps
+        self._checked_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        streak = getattr(pl_module, "nonfinite_streak", None)
+        if streak is None or step % self.check_every_n_steps or step == self._checked_step:
+            return
+        self._checked_step = step
+        streak = int(streak)  # the same on every rank: gradients are reduced before the norm is taken
+        if streak >= self.max_nonfinite_streak:
+            raise TrainingDiverged(f"training diverged: the last {streak} steps (to step {step}) had a non-finite "
+                                   f"loss or gradient; {self._last_good(trainer)}")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        params = [p for p in pl_module.parameters() if p.is_floating_point()]
+        finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):  # sharded weights: every rank agrees
+            raise TrainingDiverged(f"training diverged: the weights are non-finite (NaN/inf) at step "
+                                   f"{trainer.global_step} and were not saved; {self._last_good(trainer)}")
+
+    @staticmethod
+    def _last_good(trainer: pl.Trainer) -> str:
+        cb = trainer.checkpoint_callback
+        last = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        if last:
+            return f"the last good checkpoint is {last}: lower model.optimizer.lr and resume from it (ckpt_path=...)"
+        return "no checkpoint was saved before it: lower model.optimizer.lr and start again"
+
+
+class ExceptionCheckpoint(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint, written only when the run trained at least one step since it started
+    (or resumed) and did not diverge: a run that fails before training (a bad resume file, shards that match
+    nothing) or on garbage weights leaves no checkpoint that looks like a model."""
+
+    def __init__(self, dirpath: str, filename: str = "on_exception") -> None:
+        super().__init__(dirpath, filename)
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._start_step is None or trainer.global_step <= self._start_step:
+            return
+        if isinstance(exception, TrainingDiverged):
+            return
+        super().on_exception(trainer, pl_module, exception)
+
+
 class DataStatsLogger(pl.Callback):
-    """Logs the data layer's skipped-sample counts by reason (`data/skipped_<reason>`) and samples seen."""
+    """Logs the data layer's skipped-sample counts by reason (`data/skipped_<reason>`) and samples seen, and
+    after each validation the validation stream's totals (`data/val_skipped`, `data/val_skipped_<reason>`)."""
 
     def __init__(self, every_n_steps: int = 100) -> None:
         self.every_n_steps = every_n_steps
@@ -195,6 +296,29 @@ class DataStatsLogger(pl.Callback):
         metrics["data/samples_seen"] = float(dm.samples_seen())
         # Counts are per rank: summed over ranks they are the global totals.
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "skipped_counts") or trainer.sanity_checking:
+            return
+        counts = _summed_over_ranks(trainer, dm.skipped_counts("val"))
+        metrics = {"data/val_skipped": float(sum(counts.values()))}
+        metrics |= {f"data/val_skipped_{k}": float(v) for k, v in sorted(counts.items())}
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # already global totals
+
+
+def _summed_over_ranks(trainer: pl.Trainer, counts: dict[str, int]) -> dict[str, int]:
+    """Counts by reason summed over ranks (ranks may know different reasons, so gathered as objects; once per
+    validation)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return dict(counts)
+    gathered: list[dict[str, int] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for rank_counts in gathered:
+        for reason, n in (rank_counts or {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 class Preemption(pl.Callback):

@@ -31,7 +31,7 @@ from unclip.checkpoint import load_stage_checkpoint
 from unclip.eval.metrics import ImageMetrics
 from unclip.eval.report import write_report
 from unclip.eval.retrieval import grouped_recall
-from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images, upsampler_cond
+from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images, upsample_images
 from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
 from unclip.sample import _given, build_pipeline
 from unclip.systems.prior import embedding_metrics
@@ -274,9 +274,9 @@ def _eval_upsampler(cfg: DictConfig, device: torch.device):
         lowres = batch["lowres_image"].float()
         seeds = [int(cfg.seed) + n + i for i in range(b)]
         level = int(system.get("sample_noise_level", 0)) if stage.net.config.get("noise_level_cond") else None
-        cond = upsampler_cond(lowres, size, stage.diffusion, level, seeds=seeds)
         with torch.no_grad(), _autocast(cfg, device):
-            samples = sample_images(stage.net, stage.diffusion, cond, (b, 3, size, size), sampler, (), seeds=seeds)
+            samples = upsample_images(stage.net, stage.diffusion, lowres, size, sampler, level,
+                                      residual=bool(system.get("residual", False)), seeds=seeds)
         real = batch["image"].float()
         base = bicubic_upsample(lowres, size)
         ours.append(psnr(samples, real))

@@ -4,6 +4,7 @@
                          dot product with the text embedding (Ramesh et al. 2022, sec. 2.2)
     sample_images        decoder / upsampler: conditioning -> images in [-1, 1], classifier-free guided
     upsampler_cond       the low-resolution conditioning an upsampler sees at inference
+    upsample_images      upsampler: low-resolution images -> images, for full-image and residual upsamplers
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import guided_denoiser, make_generators, sample_loop
 
-__all__ = ["SamplerConfig", "sample_image_embeds", "sample_images", "upsampler_cond", "PRIOR_DROP", "DECODER_DROP",
-           "rerank"]
+__all__ = ["SamplerConfig", "sample_image_embeds", "sample_images", "upsampler_cond", "upsample_images", "PRIOR_DROP",
+           "DECODER_DROP", "rerank"]
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[int, int]] = set()
@@ -155,8 +156,10 @@ def sample_images(
     x_T: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "decoder",
+    value_range: float = 1.0,
 ) -> torch.Tensor:
-    """Decoder / upsampler sampling: conditioning tensors -> images (B, C, H, W) clamped to [-1, 1]."""
+    """Decoder / upsampler sampling: conditioning tensors -> images (B, C, H, W) clamped to [-value_range,
+    value_range] ([-1, 1] for images; a residual upsampler's residuals span [-2, 2])."""
     device = next(iter(v for v in cond.values() if isinstance(v, torch.Tensor))).device if cond else "cpu"
     if x_T is not None:
         device = x_T.device
@@ -164,4 +167,36 @@ def sample_images(
     denoise = guided_denoiser(net, cond, drop_mask_names, sampler.cond_scale)
     x = sample_loop(denoise, shape, sampler.scheduler(diffusion), sampler.num_steps, generator=gens,
                     device=device, x_T=x_T, eta=sampler.eta, progress=progress, desc=desc)
-    return x.clamp(-1, 1)
+    return x.clamp(-value_range, value_range)
+
+
+@torch.no_grad()
+def upsample_images(
+    net: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    lowres: torch.Tensor,
+    image_size: int,
+    sampler: SamplerConfig,
+    noise_level: int | None = None,
+    residual: bool = False,
+    seeds: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "upsampler",
+) -> torch.Tensor:
+    """Upsampler sampling: low-resolution images (B, C, h, w) in [-1, 1] -> (B, C, S, S), S = image_size.
+
+    noise_level: the augmentation level the net is told its conditioning carries (nets with noise_level_cond;
+    None otherwise). residual: the net samples the difference from the resized low-resolution image (SRDiff,
+    Li et al. 2022), which is added back here. Training, validation, the pipeline and evaluation all
+    upsample through this function.
+    """
+    from unclip.nets.unet import resize_lowres
+
+    cond = upsampler_cond(lowres, image_size, diffusion if noise_level is not None else None, noise_level,
+                          seeds=seeds)
+    shape = (lowres.shape[0], lowres.shape[1], image_size, image_size)
+    out = sample_images(net, diffusion, cond, shape, sampler, (), seeds=seeds, progress=progress, desc=desc,
+                        value_range=2.0 if residual else 1.0)
+    if residual:
+        out = (resize_lowres(lowres.float(), (image_size, image_size)) + out).clamp(-1, 1)
+    return out

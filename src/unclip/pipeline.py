@@ -26,12 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import build_net, load_stage_checkpoint, net_state_dict
+from unclip.checkpoint import build_net, clip_mismatch, load_stage_checkpoint, net_state_dict
 from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import ddim_invert, guided_denoiser
-from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsampler_cond
+from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsample_images
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,10 @@ def clip_from_identity(identity: dict[str, Any]) -> ClipEncoder:
 def check_clip_identity(clip: ClipEncoder, stages: Sequence[LoadedStage]) -> None:
     """Every stage must have been trained against this CLIP (same weights hash and embedding size)."""
     for stage in stages:
-        recorded = stage.meta.get("clip")
-        if not recorded:
-            continue
-        for key in ("embed_dim", "weights_sha256"):
-            if recorded.get(key) != clip.identity.get(key):
-                raise ValueError(
-                    f"CLIP mismatch: the {stage.name} checkpoint {stage.path} was trained with a CLIP whose "
-                    f"{key}={recorded.get(key)!r} ({recorded.get('model_name') or 'architecture'}, "
-                    f"{recorded.get('pretrained') or recorded.get('checkpoint') or 'random init'}), but the "
-                    f"pipeline's CLIP has {key}={clip.identity.get(key)!r}"
-                )
+        why = clip_mismatch(stage.meta.get("clip"), clip.identity)
+        if why:
+            raise ValueError(f"CLIP mismatch: the {stage.name} checkpoint {stage.path} was trained with a CLIP whose "
+                             f"{why}; all stages must share one CLIP")
 
 
 class UnCLIPPipeline:
@@ -251,12 +244,11 @@ class UnCLIPPipeline:
             system = stage.meta["system"]
             stage_name = "upsampler" if i == 0 else "upsampler_1024"  # seed offsets
             level = int(system.get("sample_noise_level", 0)) if stage.net.config.get("noise_level_cond") else None
-            cond = upsampler_cond(images, stage.net.config["image_size"], stage.diffusion.to(images.device), level,
-                                  seeds=self.stage_seeds(seeds, stage_name))
             with self._on_device(stage) as s:
-                images = sample_images(s.net, s.diffusion, cond, self._image_shape(s, len(seeds)), sampler, (),
-                                       seeds=self.stage_seeds(seeds, stage_name),
-                                       progress=progress, desc=stage.name)
+                images = upsample_images(s.net, s.diffusion, images, s.net.config["image_size"], sampler, level,
+                                         residual=bool(system.get("residual", False)),
+                                         seeds=self.stage_seeds(seeds, stage_name), progress=progress,
+                                         desc=stage.name)
             outs.append(images)
         return outs
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["sample", "safe_filename", "read_prompts", "load_image", "build_pipeline"]
 
+MAX_FILENAME_CHARS = 200  # + "NNNN_" and ".json": within the 255 bytes most file systems allow
+
 
 def safe_filename(text: str, index: int, max_chars: int = 80, suffix: str = ".png") -> str:
     """`NNNN_<sanitised text><suffix>`: no separators, control characters or leading dots; bounded length."""
@@ -54,9 +56,16 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     prompts += [str(p) for p in cfg.get("prompts") or []]
     if cfg.get("prompts_file"):
         path = Path(cfg.prompts_file)
+        if path.is_dir():
+            raise ValueError(f"prompts_file={path} is a directory; pass a text file with one prompt per line")
         if not path.is_file():
             raise FileNotFoundError(f"prompts_file not found: {path}")
-        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompts_file={path} is not UTF-8 text (byte {err.start} cannot be decoded); pass a "
+                             "text file with one prompt per line") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"prompt {i} is empty: give every prompt some text")
@@ -100,6 +109,13 @@ def _sidecar(path: Path, record: dict[str, Any]) -> None:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Run one sampling job; returns {"files": [...], "grid": path, "out_dir": path}."""
+    max_chars = cfg.max_filename_chars
+    if not isinstance(max_chars, int) or isinstance(max_chars, bool) or not 1 <= max_chars <= MAX_FILENAME_CHARS:
+        raise ValueError(f"max_filename_chars={max_chars!r}: pass an integer from 1 to {MAX_FILENAME_CHARS} (file "
+                         "names also carry an index and a suffix, within the file system's 255 bytes)")
+    prompts = read_prompts(cfg) if cfg.mode == "text" else []  # bad prompts fail before any checkpoint loads
+    if cfg.mode == "text" and not prompts:
+        raise ValueError("no prompts: pass prompt=..., prompts=[...] or prompts_file=PATH")
     out_dir = Path(cfg.paths.output_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -111,14 +127,12 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "clip": {k: v for k, v in pipe.clip.identity.items() if k != "architecture"},
     }
     if cfg.mode == "text":
-        return _text_to_image(cfg, pipe, images_dir, out_dir, common)
+        return _text_to_image(cfg, prompts, pipe, images_dir, out_dir, common)
     return _manipulation(cfg, pipe, images_dir, out_dir, common)
 
 
-def _text_to_image(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, common: dict) -> dict[str, Any]:
-    prompts = read_prompts(cfg)
-    if not prompts:
-        raise ValueError("no prompts: pass prompt=..., prompts=[...] or prompts_file=PATH")
+def _text_to_image(cfg, prompts: list[str], pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path,
+                   common: dict) -> dict[str, Any]:
     expanded = [p for p in prompts for _ in range(int(cfg.num_images_per_prompt))]
     seeds = [int(cfg.seed) + i for i in range(len(expanded))]
     truncated = pipe.clip.truncated(expanded)
@@ -139,6 +153,10 @@ def _text_to_image(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, c
     samplers = _resolved_samplers(pipe, settings)
     files = []
     images = result.get("images")
+    if images is not None and not torch.isfinite(images).all():
+        bad = sorted({i for i in range(len(expanded)) if not torch.isfinite(images[i]).all()})
+        log.warning("images %s have non-finite pixels (written as black): the checkpoints or the precision "
+                    "produce NaN/inf; try pipeline.precision=fp32", bad)
     for i, prompt in enumerate(expanded):
         record = {**common, "prompt": prompt, "seed": seeds[i], "index": i, "truncated": truncated[i],
                   "settings": {**settings, "samplers": samplers}}

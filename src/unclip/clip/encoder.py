@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +58,30 @@ def state_dict_sha256(module: nn.Module) -> str:
 
 
 def _host_reachable(url: str, timeout_s: float = 3.0) -> tuple[bool, str]:
-    host = url.split("://", 1)[-1].split("/", 1)[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True, ""
-    except OSError as err:
-        return False, f"{host}: {err}"
+    """Whether `url` answers an HTTPS request within `timeout_s` for the whole attempt (name lookup, connect,
+    TLS, response), and why not. A TCP connect alone passes where HTTPS is blocked (open_clip's download then
+    retries for most of a minute); the lookup alone can outlast a socket timeout, hence the thread."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answer: list[str] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+            answer.append("")
+        except urllib.error.HTTPError:  # an HTTP status (403, 404, ...) is still an answer
+            answer.append("")
+        except Exception as err:  # any other failure: not reachable
+            answer.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not answer:
+        return False, f"no HTTPS answer from {url} within {timeout_s:g} s"
+    return not answer[0], answer[0]
 
 
 def _pretrained_source(model_name: str, tag: str, cache_dir: str | None) -> tuple[str, bool]:
@@ -102,7 +119,8 @@ class ClipEncoder(nn.Module):
         init_seed: seed of the random initialisation (architecture or untagged model), so it is reproducible.
         trainable: False freezes the encoder (eval mode, no gradients).
         cache_dir: download cache for pretrained tags.
-        connect_timeout_s: how long to probe the download host before failing with a clear message.
+        connect_timeout_s: how long the whole probe of the download host (lookup, connect, TLS, an HTTPS answer)
+            may take before failing with a clear message.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,15 @@ class ClipSystem(StageSystem):
             directions mirrored (unclip.data.text.spatial_negative), and the image must prefer its caption
             over that copy, a 2-way softmax at the CLIP temperature (train/negative_loss).
         negative_weight: the weight of that term.
+        mirror_twins: fraction (at most 1/2) of each training batch replaced by mirrored twins of the rest: an
+            image flipped on an axis its caption names a direction on, with the caption's direction words
+            swapped to match ("a red star on the left" -> flipped image, "a red star on the right"). Each twin
+            pair differs only in where things are, so the contrastive loss itself teaches position, in both
+            directions (image -> text and text -> image), instead of waiting for rare in-batch look-alikes.
+        mirror_axes: the axes twins may flip: "horizontal" (safe wherever left-right mirroring keeps the
+            caption true) and "vertical" (only for data whose objects look the same upside down).
+        no_vertical_words: captions with any of these words are never flipped vertically (e.g. "star",
+            "triangle" on `shapes`, which point up).
         optimizer, warmup_steps, lr_decay, min_lr_ratio, compile: see StageSystem.
     """
 
@@ -51,6 +61,9 @@ class ClipSystem(StageSystem):
         max_logit_scale: float = 100.0,
         spatial_negatives: bool = False,
         negative_weight: float = 1.0,
+        mirror_twins: float = 0.0,
+        mirror_axes: tuple[str, ...] = ("horizontal",),
+        no_vertical_words: tuple[str, ...] = (),
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         warmup_steps: int = 1000,
         lr_decay: str = "cosine",
@@ -66,6 +79,14 @@ class ClipSystem(StageSystem):
         self.max_logit_scale = max_logit_scale
         self.spatial_negatives = spatial_negatives
         self.negative_weight = negative_weight
+        mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
+        if not 0.0 <= mirror_twins <= 0.5:
+            raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
+        unknown = set(mirror_axes) - {"horizontal", "vertical"}
+        if unknown:
+            raise ValueError(f"mirror_axes must be 'horizontal' and/or 'vertical', got {sorted(unknown)}")
+        self.mirror_twins, self.mirror_axes = mirror_twins, mirror_axes
+        self.no_vertical_words = {w.lower() for w in no_vertical_words}
         self.loss_fn = self.val_loss_fn = None
         self.save_hyperparameters(ignore=["encoder", "optimizer"])
         self._val: dict[str, list] = {}
@@ -85,7 +106,8 @@ class ClipSystem(StageSystem):
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit image and text features (B, D) and the logit scale exp(s)."""
-        model = self.__dict__.get("_train_net", self.encoder.model) if self.training else self.encoder.model
+        compiled = self.__dict__.get("_train_net")  # a FrozenRef (StageSystem.compile_for_training)
+        model = compiled.module if self.training and compiled is not None else self.encoder.model
         images = self.encoder.preprocess(batch.get("clip_image", batch["image"]))
         tokens = self.encoder.tokenize(batch["caption"]).to(self.device)
         out = model(images, tokens)
@@ -93,7 +115,41 @@ class ClipSystem(StageSystem):
             return out["image_features"], out["text_features"], out["logit_scale"]
         return out[0], out[1], out[2]
 
+    def with_mirror_twins(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with its last `mirror_twins` fraction of rows replaced by mirrored twins of the first rows
+        (row j of the tail twins row j of the head); a row whose source names no flippable direction is kept.
+        Images (B, 3, H, W) are flipped on the device; only the captions are touched on the host."""
+        from unclip.data.text import mirror_caption, spatial_axes
+
+        key = "clip_image" if "clip_image" in batch else "image"
+        images, captions = batch[key], list(batch["caption"])
+        b = len(captions)
+        n = int(b * self.mirror_twins)
+        rows, sources, dims = [], [], []
+        for j, i in zip(range(b - n, b), range(n)):
+            axes = [a for a in spatial_axes(captions[i]) if a in self.mirror_axes]
+            words = set(re.findall(r"[a-z]+", captions[i].lower()))
+            if "vertical" in axes and words & self.no_vertical_words:
+                axes.remove("vertical")
+            if not axes:
+                continue
+            axis = axes[int(random.random() * len(axes))]  # `random` is seeded per rank and step
+            captions[j] = mirror_caption(captions[i], [axis])
+            rows.append(j), sources.append(i), dims.append(-1 if axis == "horizontal" else -2)
+        if not rows:
+            return batch
+        images = images.clone()
+        for dim in (-1, -2):
+            pick = [(j, i) for j, i, d in zip(rows, sources, dims) if d == dim]
+            if pick:
+                dst = torch.tensor([j for j, _ in pick], device=images.device)
+                src = torch.tensor([i for _, i in pick], device=images.device)
+                images[dst] = images[src].flip(dim)
+        return {**batch, key: images, "caption": captions}
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.mirror_twins:
+            batch = self.with_mirror_twins(batch)
         image_f, text_f, scale = self.features(batch)
         loss = self.loss_fn(image_f, text_f, scale)
         b = image_f.shape[0]

@@ -75,8 +75,10 @@ class WebDataModule(pl.LightningDataModule):
         caption_templates: for "cls": templates with one "{}", one drawn per sample; default "{}".
         lowercase: lowercase captions.
         random_crop, random_flip: training augmentation (validation: centre crop, no flip).
-        resampled: training stream drawn with replacement from the shards, `epoch_length` samples per epoch
-            across all ranks; False: each training sample exactly once per epoch (partial batches dropped).
+        resampled: True: an endless training stream drawn with replacement from the shards, `epoch_length`
+            samples per epoch across all ranks (the configs' choice at scale); False, the default, so that
+            shards alone make a working module: each training sample exactly once per epoch (partial batches
+            dropped).
         epoch_length: samples per training epoch over all ranks (required when resampled).
         shuffle_buffer: samples in each worker's shuffle buffer (training); <= 1 disables shuffling.
         shards_per_segment: training shards read together (interleaved) into one shuffle; the buffer is
@@ -109,7 +111,7 @@ class WebDataModule(pl.LightningDataModule):
         lowercase: bool = False,
         random_crop: bool = True,
         random_flip: bool = False,
-        resampled: bool = True,
+        resampled: bool = False,
         epoch_length: int | None = None,
         shuffle_buffer: int = 1000,
         shards_per_segment: int = 2,

@@ -125,9 +125,9 @@ def relation_holds(relation: str, a: dict, b: dict) -> bool:
     return a["row"] < b["row"] if relation == "above" else a["row"] > b["row"]
 
 
-def _sample_object(rng: random.Random, pair: tuple[str, str], cell: int) -> dict:
+def _sample_object(rng: random.Random, pair: tuple[str, str], cell: int, sizes: Sequence[str] = tuple(SIZES)) -> dict:
     colour, shape = pair
-    size = _pick(rng, tuple(SIZES))
+    size = _pick(rng, tuple(sizes))
     scale = SIZES[size] * (1.0 + SIZE_JITTER * (2.0 * rng.random() - 1.0))
     row, col = divmod(cell, 3)
     slack = (1.0 / 3.0 - scale) / 2.0 - CELL_MARGIN  # how far the centre may move and stay in the cell
@@ -137,19 +137,20 @@ def _sample_object(rng: random.Random, pair: tuple[str, str], cell: int) -> dict
                 center=[round(cx, 6), round(cy, 6)], scale=round(scale, 6))
 
 
-def sample_scene(rng: random.Random, split: str) -> dict:
+def sample_scene(rng: random.Random, split: str, max_objects: int = 2, sizes: Sequence[str] = tuple(SIZES)) -> dict:
     """Draw a scene: ``{"background", "objects": [...], "relation", "heldout"}`` (relation: objects[0]
-    `relation` objects[1], or None). ``heldout`` scenes hold at least one pair of ``HELDOUT_PAIRS``."""
+    `relation` objects[1], or None). ``heldout`` scenes hold at least one pair of ``HELDOUT_PAIRS``.
+    ``max_objects=1`` and a subset of ``sizes`` give a simpler grammar (the same draws otherwise)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    num_objects = 1 if rng.random() < 0.5 else 2
+    num_objects = 1 if rng.random() < 0.5 or max_objects == 1 else 2
     heldout_slot = int(rng.random() * num_objects) if split == "heldout" else -1
     cells = list(range(9))
     objects = []
     for slot in range(num_objects):
         pairs = HELDOUT_PAIRS if slot == heldout_slot else _ALL_PAIRS if split == "heldout" else _TRAIN_PAIRS
         cell = cells.pop(int(rng.random() * len(cells)))
-        objects.append(_sample_object(rng, _pick(rng, pairs), cell))
+        objects.append(_sample_object(rng, _pick(rng, pairs), cell, sizes))
     relation = None
     if num_objects == 2:
         relation = _pick(rng, [r for r in RELATIONS if relation_holds(r, *objects)])
@@ -301,8 +302,15 @@ class ShapesOptions:
     image_size: int = 256  # pixels per side
     seed: int = 0
     image_format: str = "jpg"  # "jpg" (quality 95, 4:4:4 chroma) or "png"
+    max_objects: int = 2  # 1: single-object scenes only (a simpler grammar)
+    sizes: tuple[str, ...] = tuple(SIZES)  # the object sizes drawn (a subset: a simpler grammar)
 
     def __post_init__(self) -> None:
+        self.sizes = tuple(self.sizes)
+        if self.max_objects not in (1, 2):
+            raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
+        if not self.sizes or set(self.sizes) - set(SIZES):
+            raise ValueError(f"sizes must be a non-empty subset of {tuple(SIZES)}, got {self.sizes}")
         if self.image_format not in ("jpg", "png"):
             raise ValueError(f"image_format must be 'jpg' or 'png', got {self.image_format!r}")
         if not 1 <= self.shard_size <= 10_000:
@@ -319,10 +327,11 @@ class ShapesOptions:
         return -(-self.num_samples(split) // self.shard_size)
 
 
-def make_sample(seed: int, split: str, index: int, image_size: int = 256) -> tuple[Image.Image, str, dict]:
+def make_sample(seed: int, split: str, index: int, image_size: int = 256, max_objects: int = 2,
+                sizes: Sequence[str] = tuple(SIZES)) -> tuple[Image.Image, str, dict]:
     """One sample: (PIL RGB image, caption, attributes incl. ``stated``), a pure function of its inputs."""
     rng = sample_rng(seed, split, index)
-    scene = sample_scene(rng, split)
+    scene = sample_scene(rng, split, max_objects, sizes)
     caption, stated = make_caption(rng, scene)
     return render_pil(scene, image_size), caption, {**scene, "stated": stated}
 
@@ -374,7 +383,8 @@ def write_shard(out_dir: str | os.PathLike, split: str, shard: int, options: Sha
     count = min(options.shard_size, options.num_samples(split) - start)
     with _TarShard(split_dir / f"{shard:05d}.tar") as tar:
         for i in range(count):
-            image, caption, attributes = make_sample(options.seed, split, start + i, size)
+            image, caption, attributes = make_sample(options.seed, split, start + i, size, options.max_objects,
+                                                     options.sizes)
             key = f"{shard:05d}{i:04d}"
             meta = dict(key=key, caption=caption, status="success", error_message=None, width=size, height=size,
                         original_width=size, original_height=size, split=split, attributes=attributes)
@@ -393,13 +403,15 @@ def _write_shard_task(task: tuple) -> dict:
 
 def write_shapes(out_dir: str | os.PathLike, num_train: int = 20_000, num_val: int = 1_000,
                  num_heldout: int = 1_000, shard_size: int = 1_000, image_size: int = 256, seed: int = 0,
-                 image_format: str = "jpg", num_workers: int = 1, progress: bool = True) -> dict:
+                 image_format: str = "jpg", max_objects: int = 2, sizes: Sequence[str] = tuple(SIZES),
+                 num_workers: int = 1, progress: bool = True) -> dict:
     """Generate the dataset into ``out_dir`` (img2dataset layout) and return its manifest.
 
     ``manifest.json`` is written last, so a folder without one is incomplete. The bytes depend only on the
     options, never on ``num_workers`` (each worker process writes whole shards).
     """
-    options = ShapesOptions(num_train, num_val, num_heldout, shard_size, image_size, seed, image_format)
+    options = ShapesOptions(num_train, num_val, num_heldout, shard_size, image_size, seed, image_format, max_objects,
+                            tuple(sizes))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
@@ -440,7 +452,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
 def _is_current(manifest: dict | None, options: ShapesOptions) -> bool:
     if manifest is None or manifest.get("generator_version") != GENERATOR_VERSION:
         return False
-    return manifest.get("options") == asdict(options)
+    return manifest.get("options") == json.loads(json.dumps(asdict(options)))  # as the manifest stores it
 
 
 @contextlib.contextmanager
@@ -456,8 +468,8 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def ensure_shapes(out_dir: str | os.PathLike, num_train: int = 20_000, num_val: int = 1_000,
                   num_heldout: int = 1_000, shard_size: int = 1_000, image_size: int = 256, seed: int = 0,
-                  image_format: str = "jpg", num_workers: int = 1, progress: bool = True,
-                  force: bool = False) -> dict:
+                  image_format: str = "jpg", max_objects: int = 2, sizes: Sequence[str] = tuple(SIZES),
+                  num_workers: int = 1, progress: bool = True, force: bool = False) -> dict:
     """Return the manifest of ``out_dir``, generating the dataset first when it is missing, incomplete,
     was made with other options or another generator version, or when ``force``.
 
@@ -466,7 +478,8 @@ def ensure_shapes(out_dir: str | os.PathLike, num_train: int = 20_000, num_val: 
     waits, then finds the dataset ready. A non-empty ``out_dir`` that is not a shapes dataset is never
     replaced.
     """
-    options = ShapesOptions(num_train, num_val, num_heldout, shard_size, image_size, seed, image_format)
+    options = ShapesOptions(num_train, num_val, num_heldout, shard_size, image_size, seed, image_format, max_objects,
+                            tuple(sizes))
     out = Path(out_dir).absolute()
     manifest = read_manifest(out)
     if not force and _is_current(manifest, options):

@@ -63,21 +63,16 @@ SPATIAL_OPPOSITES: dict[str, dict[str, str]] = {
 _WORD = re.compile(r"[A-Za-z]+")
 
 
-def spatial_negative(caption: str, rng: random.Random) -> str | None:
-    """The caption with its spatial words mirrored on one or both axes ("a red circle in the top left" ->
-    "... bottom left", "... top right" or "... bottom right"), or None when it names no direction.
-
-    A hard negative that differs from the caption only in where things are, in the spirit of NegCLIP
-    (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"): in-batch
-    negatives almost never differ from a positive by position alone, so contrastive training alone learns
-    position last.
-    """
+def spatial_axes(caption: str) -> list[str]:
+    """The axes ("vertical", "horizontal") whose direction words the caption uses."""
     words = {m.group().lower() for m in _WORD.finditer(caption)}
-    axes = [axis for axis, swaps in SPATIAL_OPPOSITES.items() if words & swaps.keys()]
-    if not axes:
-        return None
-    choices = [[a] for a in axes] + ([axes] if len(axes) > 1 else [])
-    swaps = {k: v for axis in choices[int(rng.random() * len(choices))] for k, v in SPATIAL_OPPOSITES[axis].items()}
+    return [axis for axis, swaps in SPATIAL_OPPOSITES.items() if words & swaps.keys()]
+
+
+def mirror_caption(caption: str, axes: Sequence[str]) -> str:
+    """The caption with its direction words on `axes` swapped for their opposites ("top left" on
+    ["vertical"] -> "bottom left"), keeping capitalisation: the caption of the image flipped on those axes."""
+    swaps = {k: v for axis in axes for k, v in SPATIAL_OPPOSITES[axis].items()}
 
     def swap(match: re.Match) -> str:
         word = match.group()
@@ -87,3 +82,19 @@ def spatial_negative(caption: str, rng: random.Random) -> str | None:
         return new.capitalize() if word[0].isupper() else new
 
     return _WORD.sub(swap, caption)
+
+
+def spatial_negative(caption: str, rng: random.Random) -> str | None:
+    """The caption with its spatial words mirrored on one or both axes ("a red circle in the top left" ->
+    "... bottom left", "... top right" or "... bottom right"), or None when it names no direction.
+
+    A hard negative that differs from the caption only in where things are, in the spirit of NegCLIP
+    (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"): in-batch
+    negatives almost never differ from a positive by position alone, so contrastive training alone learns
+    position last.
+    """
+    axes = spatial_axes(caption)
+    if not axes:
+        return None
+    choices = [[a] for a in axes] + ([axes] if len(axes) > 1 else [])
+    return mirror_caption(caption, choices[int(rng.random() * len(choices))])

@@ -174,6 +174,8 @@ def sample_loop(
         step_kwargs["eta"] = eta
     if "generator" in step_params:
         step_kwargs["generator"] = generator
+    if "use_clipped_model_output" in step_params:  # DDIM: the noise estimate must agree with the thresholded x_0
+        step_kwargs["use_clipped_model_output"] = True
     iterator = range(len(timesteps))
     if progress:
         from tqdm.auto import tqdm

@@ -36,7 +36,9 @@ def grouped_recall(queries: torch.Tensor, keys: torch.Tensor, captions: Sequence
                    group_size: int = 100) -> dict[int, float]:
     """Recall@k of query i retrieving key i by cosine, averaged over pairs, within distinct-caption groups.
 
-    queries, keys: (N, D). Returns {k: recall} (empty when no group has two pairs).
+    queries, keys: (N, D). Returns {k: recall} (empty when no group has two pairs). Ties count against the
+    query and a non-finite similarity never wins, so constant, all-zero or NaN embeddings score chance or
+    below, not a perfect recall.
     """
     groups = distinct_caption_groups(captions, group_size)
     hits = {k: 0.0 for k in ks}
@@ -45,7 +47,8 @@ def grouped_recall(queries: torch.Tensor, keys: torch.Tensor, captions: Sequence
     for group in groups:
         idx = torch.tensor(group, device=q.device)
         sims = q[idx] @ kk[idx].T  # (G, G)
-        rank = (sims > sims.diagonal()[:, None]).sum(dim=1)  # keys strictly better than the right one
+        right = sims.diagonal().nan_to_num(nan=-torch.inf)[:, None]  # (G, 1): a NaN right answer scores lowest
+        rank = (sims.nan_to_num(nan=torch.inf) >= right).sum(dim=1) - 1  # other keys at least as close (ties lose)
         for k in ks:
             hits[k] += float((rank < k).sum())
         total += len(group)

@@ -37,6 +37,11 @@ MAX_OBJECTS = 6  # largest components kept per image
 MAX_SHAPE_ERROR = 0.5  # relative L1 between coverage and best template above which no shape is named
 RELATION_MARGIN = 0.1  # of the image side; the generator's relations are >= 0.17 apart
 SCORED: tuple[str, ...] = ("colour", "shape", "size", "position", "relation", "background", "count", "all")
+# The smallest image side at which each attribute is read right on >= 98% of the generator's own images
+# (tests/test_shapes_eval.py): below MIN_SIDE nothing is judged; below SHAPE_MIN_SIDE the shape (and so
+# "all") is not, since a small star is 4 px wide at 32 px (shape is read right on ~91% there).
+MIN_SIDE = 32
+SHAPE_MIN_SIDE = 48
 
 _COLOUR_NAMES = tuple(COLOURS)
 _COLOUR_RGB = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float32)  # (K, 3)
@@ -69,7 +74,11 @@ def read_scene(image) -> dict:
     template fits), ``colour``, ``size``, ``row``, ``col``, ``position``, ``center`` ([x, y]) and ``scale``
     (fractions of the image side, like the generator's json) and ``shape_error``.
     """
-    rgb = to_hwc(image)  # (H, W, 3)
+    return _read_rgb(to_hwc(image))
+
+
+def _read_rgb(rgb: np.ndarray) -> dict:
+    """``read_scene`` of a float32 (H, W, 3) image in [0, 255]."""
     height, width = rgb.shape[:2]
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # (2H + 2W, 3)
     background = np.median(border, axis=0).astype(np.float32)
@@ -230,10 +239,11 @@ class ShapesEval:
 
     ``ShapesEval()(images, metas)`` scores one batch; ``update(images, metas)`` over many batches then
     ``compute()`` scores them all (``reset()`` starts over). ``images``: a float tensor (B, 3, H, W) in
-    [-1, 1] (any size from 64 to 256 px) or a list of images (see ``to_hwc``); ``metas``: per-sample json
-    dicts, their ``attributes``, ``parse_caption`` outputs or captions. Keys of the result: ``indist/<attr>``
-    and ``heldout/<attr>`` for attr in ``SCORED`` (an attribute no caption states is left out), and
-    ``n_indist``, ``n_heldout``.
+    [-1, 1] or a list of images (see ``to_hwc``), at least ``MIN_SIDE`` px (a smaller image is an error);
+    shape and all-attribute accuracy only from ``SHAPE_MIN_SIDE`` px, where they are trustworthy. ``metas``:
+    per-sample json dicts, their ``attributes``, ``parse_caption`` outputs or captions. Keys of the result:
+    ``indist/<attr>`` and ``heldout/<attr>`` for attr in ``SCORED`` (an attribute no caption states, or one
+    not judged at this size, is left out), and ``n_indist``, ``n_heldout``.
     """
 
     def __init__(self) -> None:
@@ -253,7 +263,14 @@ class ShapesEval:
         results = []
         for image, meta in zip(images, metas):
             target = _target(meta)  # parse a caption once
-            result = score_scene(read_scene(image), target)
+            rgb = to_hwc(image)
+            side = min(rgb.shape[:2])
+            if side < MIN_SIDE:
+                raise ValueError(f"ShapesEval reads images of at least {MIN_SIDE} px, got {rgb.shape[1]}x{rgb.shape[0]}"
+                                 f" (upsample the samples first, or judge the next stage's output)")
+            result = score_scene(_read_rgb(rgb), target)
+            if side < SHAPE_MIN_SIDE:  # not trustworthy at this size: left out, not guessed
+                result = {k: v for k, v in result.items() if k not in ("shape", "all")}
             group = "heldout" if is_heldout(target) else "indist"
             self.count[group] += 1
             for attr, ok in result.items():

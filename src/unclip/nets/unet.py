@@ -5,6 +5,10 @@ One class serves both stages (Ramesh et al. 2022):
   projecting CLIP embeddings into four extra tokens of context that are concatenated to the sequence of
   outputs from the GLIDE text encoder"; the attention layers attend to that context (GLIDE, Nichol et al.
   2021, section 2.3). Build it with `image_embed_dim`, `text_token_dim` and `attention_resolutions`.
+  `coord_channels` adds each pixel's coordinates to the input, so captions that say where things are can be
+  followed from the first layer on; `text_pool` also adds the caption's mean token state to the
+  conditioning embedding (GLIDE adds its final token's there, section 2.3), a direct global path for what
+  the caption says, next to attention.
 - upsamplers (section 2.1, appendix C): no text, no attention; the low-resolution image is resized to the
   output size and concatenated to x_t on channels (`lowres_cond`), and the level of the noise that
   corrupted it in training is embedded like a timestep (`noise_level_cond`, Ho et al. 2021, "Cascaded
@@ -40,6 +44,16 @@ def resize_lowres(lowres_image: torch.Tensor, size: tuple[int, int]) -> torch.Te
     if tuple(lowres_image.shape[-2:]) == tuple(size):
         return lowres_image
     return F.interpolate(lowres_image, size=size, mode="bilinear", align_corners=False)  # (B, C, *size)
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """Two channels holding each pixel's row and column in [-1, 1] (CoordConv, Liu et al. 2018), for x
+    (B, C, H, W) -> (B, 2, H, W): convolutions alone see absolute position only through the border, and a
+    caption's "top left" asks for exactly that."""
+    B, _, H, W = x.shape
+    rows = torch.linspace(-1.0, 1.0, H, device=x.device, dtype=x.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
+    cols = torch.linspace(-1.0, 1.0, W, device=x.device, dtype=x.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
+    return torch.cat([rows, cols], dim=1)
 
 
 class ResBlock(nn.Module):
@@ -166,6 +180,8 @@ class UNet(nn.Module):
         noise_level_cond: bool = False,
         resblock_updown: bool = True,
         gradient_checkpointing: bool = False,
+        coord_channels: bool = False,
+        text_pool: bool = False,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -183,6 +199,10 @@ class UNet(nn.Module):
         self.lowres_cond, self.noise_level_cond = lowres_cond, noise_level_cond
         self.num_image_tokens = num_image_tokens
         self.gradient_checkpointing = gradient_checkpointing
+        if coord_channels and lowres_cond:
+            raise ValueError("coord_channels is for nets that run at their training size; an upsampler trains on "
+                             "crops, where image coordinates would mean something else at full size")
+        self.coord_channels = coord_channels
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         emb_dim = 4 * model_channels
         self.context_dim = context_dim = emb_dim
@@ -197,6 +217,9 @@ class UNet(nn.Module):
             if use_attention and num_image_tokens > 0:
                 self.image_token_proj = nn.Linear(image_embed_dim, num_image_tokens * context_dim)
         self.text_token_proj = nn.Linear(text_token_dim, context_dim) if text_token_dim is not None else None
+        if text_pool and text_token_dim is None:
+            raise ValueError("text_pool pools the caption tokens: it needs text_token_dim")
+        self.text_pool_proj = nn.Linear(text_token_dim, emb_dim) if text_pool else None
         has_context = self.text_token_proj is not None or self.image_token_proj is not None
         self.context_norm = nn.LayerNorm(context_dim) if has_context else None
         attn_context_dim = context_dim if has_context else None
@@ -206,7 +229,8 @@ class UNet(nn.Module):
 
         # Down path; `skips` records the channels of every activation the up path will concatenate.
         ch = model_channels
-        self.conv_in = nn.Conv2d(in_channels * (2 if lowres_cond else 1), ch, 3, padding=1)
+        extra = in_channels if lowres_cond else 2 if coord_channels else 0
+        self.conv_in = nn.Conv2d(in_channels + extra, ch, 3, padding=1)
         self.down = nn.ModuleList()
         skips, res = [ch], image_size
         for level, mult in enumerate(channel_mult):
@@ -324,6 +348,10 @@ class UNet(nn.Module):
                 text_tokens = torch.where(keep[:, :, None], text_tokens, 0.0)  # (B, L, W)
             context_parts.append(self.text_token_proj(text_tokens))  # (B, L, context_dim)
             mask_parts.append(keep)
+            if self.text_pool_proj is not None:  # the mean of the kept tokens (zero when all are dropped)
+                weights = keep.to(text_tokens.dtype) if keep is not None else text_tokens.new_ones(B, L)
+                pooled = (text_tokens * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+                emb = emb + self.text_pool_proj(pooled)  # (B, emb_dim)
         if self.image_embed_proj is not None:
             if image_embed_drop_mask is not None:
                 null = self.null_image_embed.to(image_embed.dtype)
@@ -349,6 +377,8 @@ class UNet(nn.Module):
         if lowres_image is not None:
             lowres_image = resize_lowres(lowres_image, tuple(x_t.shape[-2:]))  # (B, C, H, W)
             h = torch.cat([x_t, lowres_image.to(x_t.dtype)], dim=1)  # (B, 2C, H, W)
+        if self.coord_channels:
+            h = torch.cat([h, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
         h = self.conv_in(h)  # (B, model_channels, H, W)
         skips = [h]
         for block in self.down:

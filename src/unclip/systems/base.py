@@ -23,7 +23,7 @@ from torch import nn
 import unclip
 from unclip.clip.encoder import ClipEncoder
 
-__all__ = ["FrozenRef", "StageSystem", "WarmupCosine", "plain", "warmup_cosine"]
+__all__ = ["FrozenRef", "StageSystem", "WarmupCosine", "net_for_clip", "plain", "warmup_cosine"]
 
 
 class FrozenRef:
@@ -47,6 +47,24 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def net_for_clip(net: nn.Module | Callable[..., nn.Module], clip: ClipEncoder | None,
+                 widths: dict[str, str]) -> nn.Module:
+    """The net, or, given a partial (the configs' `_partial_: true`), the net built with the widths it leaves
+    unset (None) taken from the CLIP encoder, so any CLIP works with any preset: `widths` maps net argument
+    -> ClipEncoder attribute (e.g. {"embed_dim": "embed_dim"}). A width set on the command line is kept (and
+    checked against the CLIP by the system)."""
+    if isinstance(net, nn.Module):
+        return net
+    keywords = getattr(net, "keywords", {})
+    unset = [arg for arg in widths if keywords.get(arg) is None]
+    fill = {arg: getattr(clip, widths[arg], None) for arg in unset}
+    missing = [arg for arg, value in fill.items() if value is None]
+    if missing:
+        raise ValueError(f"model.net leaves {', '.join(missing)} unset and the CLIP encoder cannot tell them: "
+                         f"set model.net.{missing[0]}=...")
+    return net(**fill)
 
 
 class StageSystem(pl.LightningModule):
@@ -86,6 +104,8 @@ class StageSystem(pl.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.compile_net = compile
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.float32))  # kept across resumes
+        # non-finite steps in a row, on the device (read rarely, by unclip.callbacks.StopOnDivergence)
+        self.register_buffer("nonfinite_streak", torch.zeros((), dtype=torch.float32), persistent=False)
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (MFU)
 
     # ------------------------------------------------------------------ frozen CLIP
@@ -128,15 +148,17 @@ class StageSystem(pl.LightningModule):
 
     def compile_for_training(self, module: nn.Module) -> None:
         """With `compile` set, keep a compiled `module` for the training step (`train_net`), once. It is not
-        registered as a submodule: the state dict, optimizer and EMA see only the module itself."""
+        registered as a submodule (and held in a FrozenRef, which the EMA's deep copy shares rather than copies):
+        the state dict, optimizer and EMA see only the module itself."""
         if self.compile_net and "_train_net" not in self.__dict__:
             backend = self.compile_net if isinstance(self.compile_net, str) else "inductor"
-            object.__setattr__(self, "_train_net", torch.compile(module, backend=backend))
+            object.__setattr__(self, "_train_net", FrozenRef(torch.compile(module, backend=backend)))
 
     @property
     def train_net(self) -> nn.Module:
         """The net as the training step calls it: compiled when `compile` is set, else `net` itself."""
-        return self.__dict__.get("_train_net", self.net)
+        compiled = self.__dict__.get("_train_net")
+        return compiled.module if compiled is not None else self.net
 
     def on_train_start(self) -> None:
         """Give every rank its own random stream for timesteps, noise, drop masks and augmentations.
@@ -186,6 +208,7 @@ class StageSystem(pl.LightningModule):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         found_inf = (~torch.isfinite(norm)).float()
         self.nonfinite_steps += found_inf
+        self.nonfinite_streak.mul_(found_inf).add_(found_inf)  # +1 on a skipped step, 0 after a good one
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = found_inf
         elif bool(found_inf):  # other optimizers: one host read per step; without gradients they skip

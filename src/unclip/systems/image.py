@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from unclip.clip.encoder import ClipEncoder
 from unclip.data.degradation import bsr_degrade, gaussian_blur_aug, paired_random_crop
 from unclip.diffusion.gaussian import GaussianDiffusion
-from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsampler_cond
-from unclip.systems.base import StageSystem, plain
+from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsample_images, upsampler_cond
+from unclip.nets.unet import resize_lowres
+from unclip.systems.base import StageSystem, net_for_clip, plain
 from unclip.utils.images import grid, save_png
 
 __all__ = ["DecoderSystem", "UpsamplerSystem", "psnr"]
@@ -158,7 +159,8 @@ class DecoderSystem(ImageStageSystem):
     """LightningModule of the 64 px decoder (GLIDE-style UNet conditioned on CLIP).
 
     Args:
-        net: a UNet built with image_embed_dim (and text_token_dim to use the caption's token encodings).
+        net: a UNet built with image_embed_dim (and text_token_dim to use the caption's token encodings), or a
+            partial of one: the widths it leaves None (image_embed_dim, text_token_dim) come from the CLIP.
         diffusion: forward process and loss (v prediction with min-SNR weighting is a good default).
         clip: the frozen CLIP encoder.
         image_drop_prob: probability of dropping the image embedding in training (0.1 in the paper).
@@ -173,7 +175,7 @@ class DecoderSystem(ImageStageSystem):
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: torch.nn.Module | Callable[..., torch.nn.Module],
         diffusion: GaussianDiffusion,
         clip: ClipEncoder | None = None,
         image_drop_prob: float = 0.1,
@@ -188,6 +190,7 @@ class DecoderSystem(ImageStageSystem):
         compile: bool | str = False,
     ) -> None:
         sampler = plain(sampler)
+        net = net_for_clip(net, clip, {"image_embed_dim": "embed_dim", "text_token_dim": "token_dim"})
         super().__init__(net, diffusion, clip, sampler, num_val_samples, val_seed, optimizer, warmup_steps,
                          lr_decay, min_lr_ratio, compile)
         cfg = net.config
@@ -264,6 +267,10 @@ class UpsamplerSystem(ImageStageSystem):
             fed to the net (0 = off; needs noise_level_cond).
         sample_noise_level: the augmentation level used at sampling time.
         train_crop_size: side of the random training crops (None = a quarter of the target size).
+        residual: diffuse the difference between the target and the resized conditioning instead of the
+            target itself (SRDiff, Li et al. 2022): flat regions need nothing, and training spends itself on
+            the detail upsampling adds (with x_0 prediction the freshly built net already returns the resized
+            low-resolution image). Sample without static thresholding (residuals span [-2, 2]).
         sampler, num_val_samples, val_seed, optimizer, warmup_steps, lr_decay, min_lr_ratio, compile: as above.
     """
 
@@ -280,6 +287,7 @@ class UpsamplerSystem(ImageStageSystem):
         noise_aug_max_level: int = 0,
         sample_noise_level: int = 0,
         train_crop_size: int | None = None,
+        residual: bool = False,
         sampler: dict[str, Any] | None = None,
         num_val_samples: int = 8,
         val_seed: int = 0,
@@ -310,6 +318,7 @@ class UpsamplerSystem(ImageStageSystem):
         self.noise_aug_max_level = noise_aug_max_level
         self.sample_noise_level = sample_noise_level
         self.train_crop_size = train_crop_size or self.image_size // 4
+        self.residual = residual
         self.save_hyperparameters(ignore=["net", "diffusion", "clip", "optimizer"])
 
     def corrupt(self, lowres: torch.Tensor) -> torch.Tensor:
@@ -345,15 +354,16 @@ class UpsamplerSystem(ImageStageSystem):
             if self.noise_aug_max_level:
                 level = torch.randint(0, self.noise_aug_max_level, (b,), device=x0.device)
         cond = self.lowres_cond(lowres, level)
+        if self.residual:  # the target is what upsampling must add to the (corrupted) conditioning
+            x0 = x0 - resize_lowres(lowres.float(), tuple(x0.shape[-2:])).to(x0.dtype)
         if train and self.train_crop_size < self.image_size:
             x0, cond["lowres_image"] = paired_random_crop(x0, cond["lowres_image"], self.train_crop_size)
         return x0, cond
 
     def sample_batch(self, batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
-        lowres = self.get_lowres(batch)
-        cond = self.lowres_cond(lowres, self.sample_noise_level, seeds)
-        shape = (len(seeds), 3, self.image_size, self.image_size)
-        return sample_images(self.net, self.diffusion, cond, shape, self.sampler, drop_mask_names=(), seeds=seeds)
+        level = self.sample_noise_level if self.net.config.get("noise_level_cond") else None
+        return upsample_images(self.net, self.diffusion, self.get_lowres(batch), self.image_size, self.sampler, level,
+                               residual=self.residual, seeds=seeds)
 
     def val_rows(self, batch: dict[str, Any], samples: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, float]]:
         real = batch["image"].float()
@@ -365,7 +375,7 @@ class UpsamplerSystem(ImageStageSystem):
     def system_metadata(self) -> dict[str, Any]:
         return {"sampler": self.sampler.to_dict(), "lowres_size": self.lowres_size,
                 "sample_noise_level": self.sample_noise_level, "degradation": self.degradation,
-                "noise_aug_max_level": self.noise_aug_max_level}
+                "noise_aug_max_level": self.noise_aug_max_level, "residual": self.residual}
 
 
 def bicubic_upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:

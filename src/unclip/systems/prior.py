@@ -25,18 +25,20 @@ from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.eval.retrieval import grouped_recall
 from unclip.generate import PRIOR_DROP, SamplerConfig, sample_image_embeds
-from unclip.systems.base import StageSystem, plain
+from unclip.systems.base import StageSystem, net_for_clip, plain
 
 __all__ = ["PriorSystem"]
 
 CLIP_FIELDS = ("text_embed", "text_tokens", "text_mask", "image_embed")
+PRIOR_WIDTHS = {"embed_dim": "embed_dim", "text_token_dim": "token_dim", "num_text_tokens": "context_length"}
 
 
 class PriorSystem(StageSystem):
     """LightningModule of the prior.
 
     Args:
-        net: a PriorTransformer (its embed_dim and text_token_dim must match the CLIP encoder).
+        net: a PriorTransformer (its embed_dim and text_token_dim must match the CLIP encoder), or a partial of
+            one: the widths it leaves None (embed_dim, text_token_dim, num_text_tokens) come from the CLIP.
         diffusion: the forward process and loss (x_0 prediction, cosine schedule by default).
         clip: the frozen CLIP encoder (needed for captions without precomputed embeddings, and for identity).
         cond_drop_prob: probability of dropping the text conditioning in training.
@@ -51,7 +53,7 @@ class PriorSystem(StageSystem):
 
     def __init__(
         self,
-        net: torch.nn.Module,
+        net: torch.nn.Module | Callable[..., torch.nn.Module],
         diffusion: GaussianDiffusion,
         clip: ClipEncoder | None = None,
         cond_drop_prob: float = 0.1,
@@ -70,6 +72,7 @@ class PriorSystem(StageSystem):
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if diffusion.learn_sigma:
             raise ValueError("the prior predicts x_0 of an embedding: diffusion.learn_sigma is for image stages")
+        net = net_for_clip(net, clip, PRIOR_WIDTHS)
         self.net = net
         self.diffusion = diffusion
         embed_dim = net.config["embed_dim"]
