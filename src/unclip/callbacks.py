@@ -1,19 +1,33 @@
 """Callbacks Lightning lacks: EMA with warm-up, a run length fitted to a time budget, a stop on divergence, an
-exception checkpoint only after progress, and logging of the data layer's skip counts."""
+exception checkpoint only after progress, logging of the data layer's skip counts, a clean stop on a cluster's
+preemption signals, and random streams that survive a resume."""
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import random
+import signal
+import subprocess
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import OnExceptionCheckpoint, Timer, WeightAveraging
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
-__all__ = ["EMA", "DataStatsLogger", "ExceptionCheckpoint", "FitTimeBudget", "StopOnDivergence", "TrainingDiverged",
-           "batch_size"]
+from unclip.utils.ranks import gather_per_rank
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMA", "DataStatsLogger", "ExceptionCheckpoint", "FitTimeBudget", "Preemption", "RNGState",
+           "StopOnDivergence", "TrainingDiverged", "batch_size"]
 
 
 class _EMAModel(AveragedModel):
@@ -305,6 +319,160 @@ def _summed_over_ranks(trainer: pl.Trainer, counts: dict[str, int]) -> dict[str,
         for reason, n in (rank_counts or {}).items():
             total[reason] = total.get(reason, 0) + n
     return total
+
+
+class Preemption(pl.Callback):
+    """A clean stop on a cluster's signal. SIGTERM (preemption, scancel, a container stop) or SIGUSR1 / SIGUSR2
+    (the warning SLURM sends ahead of the time limit with `--signal`; submitit asks for USR2) ends `fit` at
+    the next optimizer-step boundary, as if `max_steps` were reached there: train.py then writes `last.ckpt`
+    for that step and the process exits with status 0. Launched again into the same run folder, train.py
+    resumes from it. Under SLURM (SLURM_JOB_ID set), a signal in `requeue_signals` also requeues the job
+    (`scontrol requeue`, when the process exits after writing the checkpoint), so it resumes by itself.
+
+    The handler only notes the signal: stopping between steps keeps the checkpoint a consistent step (it is
+    what replaces Lightning's SLURM handler, which saves from inside the signal handler, mid-step). With
+    several ranks they agree (one all-reduce of a flag) every `check_every_n_steps` steps and after each
+    validation; DataLoader workers ignore these signals and are shut down by the main process.
+
+    Args:
+        signals: names of the signals that stop the run.
+        requeue_signals: those that also requeue a SLURM job.
+        check_every_n_steps: steps between the ranks' agreements (a single process checks every step).
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
+                 requeue_signals: Sequence[str] = ("SIGUSR1", "SIGUSR2"), check_every_n_steps: int = 10) -> None:
+        self.signals = [signal.Signals[name] for name in signals]
+        self.requeue_signals = {signal.Signals[name] for name in requeue_signals}
+        self.check_every_n_steps = max(1, check_every_n_steps)
+        self.received: signal.Signals | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning's own handlers (registered when fit starts), which these replace until teardown.
+        self.received, self.stopped_at = None, None
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not a step boundary: the accumulated batches would be lost
+        if trainer.world_size == 1 or trainer.global_step % self.check_every_n_steps == 0:
+            self._maybe_stop(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._maybe_stop(trainer)
+
+    def _maybe_stop(self, trainer: pl.Trainer) -> None:
+        if self.stopped_at is not None:
+            return
+        stop, requeue = self.received is not None, self.received in self.requeue_signals
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            if stop:
+                requeue = trainer.strategy.reduce_boolean_decision(requeue, all=False)
+        if not stop:
+            return
+        self.stopped_at = trainer.global_step
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step
+        name = self.received.name if self.received is not None else "a signal on another rank"
+        rank_zero_info(f"preemption: {name} received; training stops at step {trainer.global_step}")
+        job = _slurm_job_id()
+        if requeue and job and trainer.is_global_zero:
+            atexit.register(_requeue, job)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def _slurm_job_id() -> str | None:
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _requeue(job: str) -> None:
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("preemption: requeued SLURM job %s", job)
+    else:
+        log.warning("preemption: `scontrol requeue %s` failed (%s): %s", job, result.returncode, result.stderr)
+
+
+class RNGState(pl.Callback):
+    """The global random streams (Python, NumPy, torch CPU and the current CUDA device) continue across a
+    resume as if the run had never stopped.
+
+    Each checkpoint holds every rank's streams; after a resume they are set again right before the first
+    training step (after the system's own seeding in `on_train_start`). Validation leaves the streams as it
+    found them, so the state saved at a validation step is the one the next training step draws from.
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._pending: list | None = None  # per-rank states loaded from a checkpoint
+        self._outside_validation: dict | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._outside_validation or _rng_state(self._device())
+        return {"ranks": gather_per_rank(self._trainer, state)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict["ranks"]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        ranks, self._pending = self._pending, None
+        if len(ranks) == trainer.world_size and ranks[trainer.global_rank] is not None:
+            _set_rng_state(ranks[trainer.global_rank], self._device())
+        else:
+            rank_zero_warn(f"random streams not restored: the checkpoint holds {len(ranks)} rank(s), this run "
+                           f"has {trainer.world_size}; the system's per-rank seeding is used instead")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._outside_validation = _rng_state(self._device())
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._outside_validation is not None:
+            _set_rng_state(self._outside_validation, self._device())
+        self._outside_validation = None
+
+    def _device(self) -> torch.device:
+        return self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators' states in plain types and tensors (a checkpoint loads them weights-only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def batch_size(batch: dict[str, Any]) -> int:

@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # Known and harmless: the training stream carries a length on purpose (one epoch = epoch_length samples).
 warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# The WebDataModule's state_dict holds the training stream's position (unclip.data.stream), which Lightning's
+# check for a stateful DataLoader does not see.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 
 __all__ = ["train", "instantiate_group", "resume_checkpoint"]
 

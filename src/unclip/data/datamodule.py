@@ -2,16 +2,21 @@
 
 Pipeline per split (each DataLoader worker runs its own copy):
 
-    train, resampled=True   ResampledShards (seeded per rank and worker)  -- infinite, `with_epoch`
-    train, resampled=False  shards shuffled per epoch -> split by rank -> split by worker
-    val                     shards in order           -> split by rank -> split by worker
-    -> tarfile_to_samples -> drop unused members -> shuffle (train) -> decode -> batched(+ data_stats)
+    train   LaneSource: segments of shards (drawn with replacement, or the epoch's shards split by rank and
+            worker), read, unused members dropped, shuffled per segment  -> decode -> batched(+ data_stats)
+    val     shards in order -> split by rank -> split by worker -> tarfile_to_samples -> drop unused members
+            -> decode -> batched(+ data_stats)
+
+The training stream is resumable: it is a pure function of (seed, rank, worker lane, position), the
+position of every lane is part of `state_dict`, and a resumed run continues each lane exactly where the
+last batch the model consumed left it (unclip.data.stream has the details and the guarantees).
 
 Every bad input is skipped and counted by a `SkipCounter` (one per worker). Each batch carries the
 worker's cumulative counts under `data_stats`; `on_before_batch_transfer` pops that entry (the model never
 sees it), keeps the latest counts per worker, and counts the delivered samples, so `skipped_counts()` is a
 sum over workers of their latest totals and `samples_seen()` counts what reached the model. Both are per
-rank: reduce them across ranks when logging (e.g. `sync_dist=True, reduce_fx="sum"`).
+rank: reduce them across ranks when logging (e.g. `sync_dist=True, reduce_fx="sum"`); checkpoints hold
+every rank's counts and stream position (gathered when saving).
 
 Splitting by rank uses the rank that Lightning reports at `setup`, not webdataset's `split_by_node`:
 webdataset infers the rank inside each worker from environment variables or `torch.distributed`, and
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -35,18 +41,18 @@ from unclip.data.sample import IMAGE_KEYS, PRECOMPUTED_FIELDS, SampleDecoder, to
 from unclip.data.shards import expand_shards, is_local
 from unclip.data.stages import (
     DATA_STATS_KEY,
+    Batched,
     Collate,
+    Cursor,
     Decode,
     KeepMembers,
-    Shuffle,
-    ShuffledShardList,
     SizedPipeline,
     SplitByRank,
-    WorkerSeed,
-    seeded_rng,
 )
+from unclip.data.stream import LaneSource, Plan, StreamLoader, StreamState, TakePlanned, fingerprint
 from unclip.data.text import check_templates, resolve_class_names
 from unclip.data.transforms import DEFAULT_MAX_IMAGE_PIXELS, ImageTransform
+from unclip.utils.ranks import gather_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class WebDataModule(pl.LightningDataModule):
             dropped).
         epoch_length: samples per training epoch over all ranks (required when resampled).
         shuffle_buffer: samples in each worker's shuffle buffer (training); <= 1 disables shuffling.
+        shards_per_segment: training shards read together (interleaved) into one shuffle; the buffer is
+            emptied between such groups, so a resume re-reads at most this many shards.
         load_image: False skips image decoding (e.g. a prior trained on precomputed embeddings).
         precomputed: which of image_embed, text_embed, text_tokens, text_mask to read from .npy members.
         prepare: zero-argument callable run once per node in `prepare_data` (e.g. a shard generator).
@@ -106,6 +114,7 @@ class WebDataModule(pl.LightningDataModule):
         resampled: bool = False,
         epoch_length: int | None = None,
         shuffle_buffer: int = 1000,
+        shards_per_segment: int = 2,
         load_image: bool = True,
         precomputed: Sequence[str] = (),
         prepare: Callable[[], object] | None = None,
@@ -133,6 +142,7 @@ class WebDataModule(pl.LightningDataModule):
         self.resampled = resampled
         self.epoch_length = epoch_length
         self.shuffle_buffer = shuffle_buffer
+        self.shards_per_segment = shards_per_segment
         self.load_image = load_image
         self.precomputed = tuple(precomputed)
         self.prepare = prepare
@@ -147,10 +157,12 @@ class WebDataModule(pl.LightningDataModule):
         self._latest: dict[tuple[str, str], dict[str, int]] = {}  # (split, worker source) -> skip totals
         self._restored: dict[str, dict[str, int]] = {}  # split -> skip totals from a checkpoint
         self._seen: dict[str, int] = {}  # split -> samples delivered to the model
+        self._stream: StreamState | None = None  # the training stream's position
+        self._stream_restored: dict | None = None  # ... as loaded from a checkpoint, until the loader exists
 
     def _validate(self) -> None:
-        if self.image_size <= 0 or self.batch_size <= 0 or self.num_workers < 0:
-            raise ValueError("image_size and batch_size must be positive and num_workers >= 0")
+        if self.image_size <= 0 or self.batch_size <= 0 or self.num_workers < 0 or self.shards_per_segment < 1:
+            raise ValueError("image_size, batch_size and shards_per_segment must be positive and num_workers >= 0")
         if self.lowres_size is not None and not 0 < self.lowres_size < self.image_size:
             raise ValueError(f"lowres_size={self.lowres_size} must be in (0, image_size={self.image_size})")
         if not self.load_image and (self.lowres_size or self.clip_image_size):
@@ -197,7 +209,8 @@ class WebDataModule(pl.LightningDataModule):
         return self._loader("val")
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Pop the worker's cumulative skip counts (so the model never sees them); count the samples."""
+        """Pop the worker's cumulative skip counts (so the model never sees them); count the samples and
+        record the training stream's position after this batch."""
         stats = batch.pop(DATA_STATS_KEY, None) if isinstance(batch, dict) else None
         if stats is not None:
             split = stats["split"]
@@ -205,6 +218,8 @@ class WebDataModule(pl.LightningDataModule):
             # Counted here rather than in the workers: batches a worker prefetched but the loop never
             # consumed (e.g. after the sanity check) were not seen.
             self._seen[split] = self._seen.get(split, 0) + len(batch["key"])
+            if "lane" in stats and self._stream is not None:
+                self._stream.consume(stats["lane"], stats["position"])
         return batch
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
@@ -221,14 +236,34 @@ class WebDataModule(pl.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        """Totals so far, so the counts continue after a resume (plain ints: loads with weights_only)."""
+        """Per rank: the counts so far and the training stream's position (plain ints and strings, so it
+        loads with weights_only). Every rank's entry is gathered when several ranks save together."""
         splits = {split for split, _ in self._latest} | set(self._restored)
-        return {"seen": dict(self._seen), "skipped": {split: self.skipped_counts(split) for split in splits}}
+        mine = {"seen": dict(self._seen), "skipped": {split: self.skipped_counts(split) for split in splits},
+                "stream": self._stream.state_dict() if self._stream is not None else self._stream_restored}
+        return {"ranks": gather_per_rank(self.trainer, mine)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._seen = dict(state_dict["seen"])
-        self._restored = {split: dict(counts) for split, counts in state_dict["skipped"].items()}
+        """This rank's entry; after a change in the number of ranks, rank 0 takes over all counts and the
+        stream restarts (see StreamState.load_state_dict)."""
+        ranks = state_dict.get("ranks", [state_dict])  # before per-rank states: one rank's counts
+        if len(ranks) == self._world_size and ranks[self._rank] is not None:
+            mine = ranks[self._rank]
+        else:
+            known = [r for r in ranks if r is not None]
+            mine = {"seen": {}, "skipped": {}, "stream": known[0].get("stream") if known else None}
+            if self._rank == 0:
+                for other in known:
+                    for split, n in other["seen"].items():
+                        mine["seen"][split] = mine["seen"].get(split, 0) + n
+                    for split, counts in other["skipped"].items():
+                        for reason, n in counts.items():
+                            totals = mine["skipped"].setdefault(split, {})
+                            totals[reason] = totals.get(reason, 0) + n
+        self._seen = dict(mine["seen"])
+        self._restored = {split: dict(counts) for split, counts in mine["skipped"].items()}
         self._latest.clear()
+        self._stream, self._stream_restored = None, mine.get("stream")
 
     # ---------------------------------------------------------------------------------------- counting
 
@@ -268,52 +303,71 @@ class WebDataModule(pl.LightningDataModule):
             lowercase=self.lowercase,
         )
 
-    def _samples(self, split: str, counter: SkipCounter, seed: int) -> list:
-        """The stages from raw tar streams to decoded samples."""
-        train = split == "train"
-        decoder = self._decoder(train)
-        stages: list = [
+    def _samples(self, counter: SkipCounter) -> list:
+        """Validation stages from raw tar streams to decoded samples (in shard order, no shuffle)."""
+        decoder = self._decoder(train=False)
+        return [
             wds.tarfile_to_samples(handler=counter.handle),
             wds.map(KeepMembers(decoder.member_names())),
+            Decode(decoder, counter, self.seed, self._rank),
         ]
-        if train and self.shuffle_buffer > 1:
-            stages.append(Shuffle(self.shuffle_buffer, seed, self._rank))
-        stages.append(Decode(decoder, counter, seed, self._rank, advance_epoch=train))
-        return stages
 
     def _loader(self, split: str) -> DataLoader:
-        train = split == "train"
+        if split == "train":
+            return self._train_loader()
         urls = self._urls[split]
-        seed = self._run_seed() if train else self.seed
+        workers = self._finite_workers(split, len(urls))
         counter = SkipCounter(split)
-        batch_size = self.batch_size if train else self.val_batch_size
-        collation_fn = Collate(counter, self.uint8_transfer)
-        batched = wds.batched(batch_size, collation_fn=collation_fn, partial=not train)
-        if train and self.resampled:
+        stages = [
+            wds.SimpleShardList(urls),
+            SplitByRank(self._rank, self._world_size),
+            wds.split_by_worker,
+            *self._samples(counter),
+            wds.batched(self.val_batch_size, collation_fn=Collate(counter, self.uint8_transfer), partial=True),
+        ]
+        return DataLoader(wds.DataPipeline(*stages), batch_size=None, **self._loader_options(workers))
+
+    def _train_loader(self) -> StreamLoader:
+        """The resumable training stream (unclip.data.stream); its position lives in `self._stream`."""
+        urls = self._urls["train"]
+        if self.resampled:
             workers = self.num_workers
-            source = wds.ResampledShards(urls, seed=seed, worker_seed=WorkerSeed(self._rank), deterministic=True)
-            per_worker = math.ceil(self.epoch_length / (self._world_size * max(1, workers) * batch_size))
-            stages = [source, *self._samples(split, counter, seed), batched]
-            dataset = SizedPipeline(*stages, length=per_worker * max(1, workers)).with_epoch(per_worker)
+            quota = math.ceil(self.epoch_length / (self._world_size * max(1, workers) * self.batch_size))
         else:
-            workers = self._finite_workers(split, len(urls))
-            shard_list = ShuffledShardList(urls, seed) if train else wds.SimpleShardList(urls)
-            split_rank = SplitByRank(self._rank, self._world_size)
-            stages = [
-                shard_list,
-                split_rank,
-                wds.split_by_worker,
-                *self._samples(split, counter, seed),
-                batched,
-            ]
-            dataset = wds.DataPipeline(*stages)
-        return DataLoader(
-            dataset,
-            batch_size=None,  # batched inside the pipeline
+            workers, quota = self._finite_workers("train", len(urls)), -1
+        lanes = max(1, workers)
+        key = fingerprint(urls, self.seed, self.resampled, self.shuffle_buffer, self.shards_per_segment, lanes,
+                          self._world_size, self.batch_size, quota)
+        if self._stream is None or self._stream.fingerprint != key:
+            self._stream = StreamState(lanes, quota, key)
+            if self._stream_restored is not None:
+                self._stream.load_state_dict(self._stream_restored)
+            self._stream_restored = None
+        counter, cursor, plan = SkipCounter("train"), Cursor(), Plan(workers)
+        decoder = self._decoder(train=True)
+        source = LaneSource(urls, self.seed, self._rank, self._world_size, lanes, self.resampled,
+                            self.shards_per_segment, self.shuffle_buffer, KeepMembers(decoder.member_names()),
+                            counter, plan, cursor)
+        stages = [
+            source,
+            Decode(decoder, counter, self.seed, self._rank),
+            Batched(self.batch_size, Collate(counter, self.uint8_transfer, cursor)),  # partial batches dropped
+            TakePlanned(plan),
+        ]
+        dataset = SizedPipeline(*stages, length=quota * lanes) if self.resampled else wds.DataPipeline(*stages)
+        return StreamLoader(dataset, state=self._stream, plan=plan, batch_size=None,
+                            **self._loader_options(workers))
+
+    def _loader_options(self, workers: int) -> dict:
+        return dict(
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,  # keeps the workers' RNG epochs and counters across epochs
+            persistent_workers=workers > 0,  # keeps each worker's open lane reader and counters across epochs
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            worker_init_fn=_ignore_preemption_signals if workers > 0 else None,
+            # Worker seeds from a generator of their own: loading never draws from the global torch stream,
+            # which the training step's draws (and a resume's replay of them) rely on.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _finite_workers(self, split: str, num_shards: int) -> int:
@@ -345,13 +399,6 @@ class WebDataModule(pl.LightningDataModule):
             )
         return workers
 
-    def _run_seed(self) -> int:
-        """Training seed: the configured seed mixed with the resume point, so a resumed run draws new
-        shards and crops rather than replaying the start of the interrupted epoch."""
-        trainer = self.trainer
-        epoch, step = (trainer.current_epoch, trainer.global_step) if trainer is not None else (0, 0)
-        return seeded_rng("run", self.seed, epoch, step).getrandbits(31)
-
     def _check_first_sample(self, split: str, spec: ShardSpec, urls: list[str]) -> None:
         """Read local shards until one sample decodes; raise, naming the pattern, if none does.
 
@@ -362,7 +409,7 @@ class WebDataModule(pl.LightningDataModule):
         if not local:
             return
         counter = SkipCounter(f"{split}-check")
-        stages = [wds.SimpleShardList(local), *self._samples("check", counter, self.seed)]
+        stages = [wds.SimpleShardList(local), *self._samples(counter)]
         if next(iter(wds.DataPipeline(*stages)), None) is None:
             raise ValueError(
                 f"{split}_shards {spec!r}: no usable sample in {len(local)} local shard(s); "
@@ -375,6 +422,13 @@ def _as_spec(spec: ShardSpec | None) -> ShardSpec | None:
     if spec is None or isinstance(spec, str):
         return spec
     return [str(s) for s in spec]
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 / SIGUSR2 to the main process, which stops at a step
+    boundary and shuts them down (a cluster often signals every process of a job)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _rank_and_world_size(trainer: pl.Trainer | None) -> tuple[int, int]:

@@ -83,6 +83,7 @@ class SkipCounter:
         self.log_first = log_first
         self.log_interval_s = log_interval_s
         self._pid = -1
+        self.muted = False  # set while a resumed stream re-reads samples whose skips were counted before
         self._ensure_process()
 
     def _ensure_process(self) -> None:
@@ -98,6 +99,8 @@ class SkipCounter:
     def skip(self, reason: str, detail: str = "") -> None:
         """Count one dropped sample (or shard) and maybe log it."""
         self._ensure_process()
+        if self.muted:
+            return
         count = self.counts.get(reason, 0) + 1
         self.counts[reason] = count
         now = time.monotonic()

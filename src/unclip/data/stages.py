@@ -1,7 +1,7 @@
 """WebDataset pipeline stages: small picklable callables (so spawned DataLoader workers work too).
 
-Each stage that draws random numbers seeds its generator from (seed, rank, worker, epoch); its epoch
-counter lives in the worker's copy of the pipeline, so the DataLoader's workers must be persistent.
+Training samples carry their own seed (`__seed__`, from their stream position: unclip.data.stream); the
+validation pipeline seeds its generator from (seed, rank, worker) and draws the same values every pass.
 """
 
 from __future__ import annotations
@@ -32,30 +32,12 @@ def seeded_rng(*parts: object) -> random.Random:
 
 
 @dataclass
-class WorkerSeed:
-    """`worker_seed` for ResampledShards: distinct per (rank, worker), with the rank known at setup."""
+class Cursor:
+    """Training: the lane this copy of the pipeline serves and its stream position (epoch, segment, offset)
+    after the last raw sample it produced (see unclip.data.stream)."""
 
-    rank: int
-
-    def __call__(self) -> int:
-        return self.rank * 65536 + worker_info()[0]
-
-
-class ShuffledShardList(wds.SimpleShardList):
-    """Shards in a new seeded order each epoch; the same order on every rank and worker, so the
-    rank/worker splits that follow stay disjoint and complete."""
-
-    def __init__(self, urls: list[str], seed: int) -> None:
-        super().__init__(urls)
-        self.base_seed = seed
-        self.epoch = -1
-
-    def __iter__(self) -> Iterator[dict]:
-        self.epoch += 1
-        urls = list(self.urls)
-        seeded_rng("shards", self.base_seed, self.epoch).shuffle(urls)
-        for url in urls:
-            yield {"url": url}
+    lane: int = -1
+    position: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass
@@ -80,38 +62,22 @@ class KeepMembers:
 
 
 @dataclass
-class Shuffle:
-    """wds.shuffle with a generator seeded per (seed, rank, worker, epoch)."""
-
-    bufsize: int
-    seed: int
-    rank: int
-    epoch: int = -1
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        rng = seeded_rng("shuffle", self.seed, self.rank, worker_info()[0], self.epoch)
-        yield from wds.shuffle(self.bufsize, initial=min(100, self.bufsize), rng=rng)(src)
-
-
-@dataclass
 class Decode:
-    """wds.map over the decoder, with per-sample randomness from a generator seeded per
-    (seed, rank, worker, epoch); failures go to the counter. Validation reuses epoch 0 every time so its
-    captions and crops are identical across evaluations."""
+    """wds.map over the decoder; failures go to the counter. A sample's randomness comes from a generator
+    seeded by its `__seed__` (training: its stream position, so a resumed run draws the same crops), else
+    from one generator per pass seeded by (seed, rank, worker): validation captions and crops are then
+    identical across evaluations."""
 
     decoder: SampleDecoder
     counter: SkipCounter
     seed: int
     rank: int
-    advance_epoch: bool
-    epoch: int = 0
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        rng = seeded_rng("sample", self.seed, self.rank, worker_info()[0], self.epoch)
-        self.epoch += int(self.advance_epoch)
+        pass_rng = seeded_rng("sample", self.seed, self.rank, worker_info()[0], 0)
 
         def decode(raw: dict) -> dict:
+            rng = seeded_rng("sample", raw["__seed__"]) if "__seed__" in raw else pass_rng
             try:
                 out = self.decoder(raw, rng)
             except Exception as exn:
@@ -125,15 +91,37 @@ class Decode:
 
 @dataclass
 class Collate:
-    """Batch the samples and attach the worker's cumulative counts under DATA_STATS_KEY."""
+    """Batch the samples and attach, under DATA_STATS_KEY, the worker's cumulative skip counts and (training)
+    the lane and its stream position after the batch's last sample."""
 
     counter: SkipCounter
     uint8_images: bool = False
+    cursor: Cursor | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples, self.uint8_images)
-        batch[DATA_STATS_KEY] = self.counter.snapshot()
+        stats = self.counter.snapshot()
+        if self.cursor is not None:
+            stats["lane"], stats["position"] = self.cursor.lane, list(self.cursor.position)
+        batch[DATA_STATS_KEY] = stats
         return batch
+
+
+@dataclass
+class Batched:
+    """Full batches only, each yielded as soon as its last sample arrives (wds.batched reads one sample
+    ahead, which would move the training stream's position past the batch it reports)."""
+
+    batch_size: int
+    collation_fn: Collate
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        batch: list[dict] = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self.collation_fn(batch)
+                batch = []
 
 
 class SizedPipeline(wds.DataPipeline):

@@ -165,7 +165,8 @@ class StageSystem(pl.LightningModule):
 
         Lightning seeds every rank alike (seed_everything, then reset_seed in DDP), which would make all ranks
         draw the same (t, eps, drop) for their different images; mixing in the rank and the step also gives a
-        resumed run fresh draws instead of replaying the first steps.
+        resumed run fresh draws instead of replaying the first steps (with `unclip.callbacks.RNGState`, in the
+        default callbacks, a resumed run instead takes back the streams its checkpoint saved).
         """
         seed = stream_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank, self.global_step)
         torch.manual_seed(seed)
