@@ -1,11 +1,16 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
-a grid for a few captions, evaluate, and print where everything is.
+a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                   the CPU demo (32 px -> 128 px; about 10 minutes on 2 cores)
-    python demo.py --preset shapes   the GPU run (64 px -> 256 px; one H100, under 10 minutes; docs/RESULTS.md)
-    python demo.py --fast            a few steps per stage (the test suite's end-to-end check)
+    python demo.py                      the CPU demo: 2 cores, about 13 minutes, a simpler caption grammar
+                                        (one large object per image; 32 px decoder -> 64 px upsampler)
+    python demo.py --preset cpu_study   the CPU study: 2 cores, under an hour, the full `shapes` grammar
+    python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
+    python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
-Each stage is the same command a user types (printed before it runs), with its run folder under --out.
+Each stage is the same command a user types (printed before it runs), with its run folder and log under --out.
+Stages that do not depend on each other train side by side, one core each: the upsampler needs no CLIP and
+trains beside it, then the prior and the decoder train beside each other on the finished CLIP. Every stage
+has a time budget (`trainer.max_time`): the run measures its own step rate and ends, annealed, on time.
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-PROMPTS = [
+SIMPLE_PROMPTS = [  # the demo's grammar: one large object; the last two name held-out colour-shape pairs
+    "a large red circle in the center",
+    "a large blue square on the left",
+    "a large yellow star at the top",
+    "a large green cross in the bottom right corner",
+    "a large purple triangle in the top left, black background",
+    "a large cyan diamond at the bottom, on a white background",
+    "a large orange star on the right",
+    "a large yellow circle in the bottom left",
+]
+FULL_PROMPTS = [
     "a red circle in the center",
     "a large blue square on the left",
     "a small yellow star at the top",
@@ -30,12 +45,27 @@ PROMPTS = [
 ]
 
 PRESETS = {
-    # experiment prefix, extra overrides per stage, evaluation samples
-    "cpu": {"prefix": "demo", "data": "shapes_demo", "overrides": {}, "eval_samples": 100},
+    "cpu": {
+        "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS, "threads": 1,
+        "phases": [("clip", "upsampler"), ("prior", "decoder")],
+        "budgets": {"clip": "00:00:02:15", "upsampler": "00:00:02:15", "prior": "00:00:07:00",
+                    "decoder": "00:00:07:00"},
+        "grammar": "a simpler caption grammar than `shapes`' full one: one large object per image (colour, shape, "
+                   "position, background); `python demo.py --preset cpu_study` trains on the full grammar",
+    },
+    "cpu_study": {
+        "prefix": "study", "data": "shapes_study", "eval_samples": 1000, "prompts": FULL_PROMPTS, "threads": 1,
+        "phases": [("clip", "upsampler"), ("prior", "decoder")],
+        "budgets": {"clip": "00:00:12:00", "upsampler": "00:00:12:00", "prior": "00:00:38:00",
+                    "decoder": "00:00:38:00"},
+        "grammar": "the full `shapes` grammar (one or two objects, three sizes, relations)",
+    },
     "shapes": {
-        "prefix": "shapes", "data": "shapes", "eval_samples": 1000,
-        "overrides": {"clip": ["trainer.max_time=00:00:01:30"], "prior": ["trainer.max_time=00:00:01:00"],
-                      "decoder": ["trainer.max_time=00:00:03:30"], "upsampler": ["trainer.max_time=00:00:01:30"]},
+        "prefix": "shapes", "data": "shapes", "eval_samples": 1000, "prompts": FULL_PROMPTS, "threads": None,
+        "phases": [("clip",), ("prior",), ("decoder",), ("upsampler",)],
+        "budgets": {"clip": "00:00:01:30", "prior": "00:00:01:00", "decoder": "00:00:03:30",
+                    "upsampler": "00:00:01:30"},
+        "grammar": "the full `shapes` grammar",
     },
 }
 
@@ -45,14 +75,55 @@ FAST = {
     "sample": ["prior_sampler.num_steps=4", "decoder_sampler.num_steps=4", "upsampler_samplers=[{num_steps: 3}]"],
     "eval_samples": 8,
 }
+STAGES = ("clip", "prior", "decoder", "upsampler")
 
 
-def run(cmd: list[str]) -> float:
-    """Run one stage's command, echoed first; its own log lands in its run folder (<stage>/<task>.log)."""
+def hydra_quoted(text: str) -> str:
+    """A string as a quoted Hydra override value (commas and brackets stay part of it)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def stage_env(threads: int | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if threads:  # side-by-side stages: one core each, no oversubscription
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def run_parallel(commands: dict[str, list[str]], logs: dict[str, Path], threads: int | None) -> dict[str, float]:
+    """Run the commands side by side (each echoed, its output in its log); returns each one's seconds."""
+    start, procs, seconds = time.monotonic(), {}, {}
+    for name, cmd in commands.items():
+        print(f"\n$ {' '.join(cmd)}\n  (log: {logs[name]})", flush=True)
+        logs[name].parent.mkdir(parents=True, exist_ok=True)
+        with open(logs[name], "w") as log:
+            procs[name] = subprocess.Popen(cmd, env=stage_env(threads), stdout=log, stderr=subprocess.STDOUT)
+    failed = []
+    while procs:
+        for name, proc in list(procs.items()):
+            if proc.poll() is not None:
+                seconds[name] = time.monotonic() - start
+                del procs[name]
+                if proc.returncode:
+                    failed.append(name)
+                    for other in procs.values():
+                        other.terminate()
+                else:
+                    print(f"  {name} done in {seconds[name]:.0f}s", flush=True)
+        time.sleep(0.5)
+    if failed:
+        for name in failed:
+            tail = logs[name].read_text(errors="replace").splitlines()[-25:]
+            print(f"\nstage {name} failed; the end of {logs[name]}:\n" + "\n".join(tail), file=sys.stderr)
+        raise SystemExit(f"stage failed: {', '.join(failed)}")
+    return seconds
+
+
+def run(cmd: list[str], threads: int | None = None) -> float:
+    """Run one command in the foreground, echoed first."""
     print("\n$ " + " ".join(cmd), flush=True)
     start = time.monotonic()
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if subprocess.run(cmd, env=env).returncode:
+    if subprocess.run(cmd, env=stage_env(threads)).returncode:
         raise SystemExit(f"stage failed: {' '.join(cmd)}")
     return time.monotonic() - start
 
@@ -60,49 +131,62 @@ def run(cmd: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--out", default=None, help="output folder (default: outputs/demo or outputs/shapes)")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/<preset>)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage: checks the path, not quality")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     out = Path(args.out or f"outputs/{'demo' if args.preset == 'cpu' else args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     py, prefix = sys.executable, preset["prefix"]
-    train_extra = FAST["train"] if args.fast else []
     times: dict[str, float] = {}
-    ckpt = {s: out / s / "checkpoints" / "last.ckpt" for s in ("clip", "prior", "decoder", "upsampler")}
+    ckpt = {s: out / s / "checkpoints" / "last.ckpt" for s in STAGES}
+    print(f"preset {args.preset}: {preset['grammar']}", flush=True)
+    wall = time.monotonic()
 
-    for stage in ("clip", "prior", "decoder", "upsampler"):
-        cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null",
-               *preset["overrides"].get(stage, []), *train_extra]
-        if stage in ("prior", "decoder"):
-            cmd.append(f"clip.checkpoint={ckpt['clip']}")
-        if ckpt[stage].exists():
-            ckpt[stage].unlink()  # a fresh run, not a resume of an older demo
-        times[stage] = run(cmd)
+    times["data"] = run([py, "train.py", f"experiment={prefix}_clip", f"hydra.run.dir={out / 'data'}",
+                         "prepare_only=true"])  # generate the data once, before stages start side by side
+    for phase in preset["phases"]:
+        commands = {}
+        for stage in phase:
+            cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null"]
+            cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]
+            if stage in ("prior", "decoder"):
+                cmd.append(f"clip.checkpoint={ckpt['clip']}")
+            if ckpt[stage].exists():
+                ckpt[stage].unlink()  # a fresh run, not a resume of an older demo
+            commands[stage] = cmd
+        threads = preset["threads"] if len(commands) > 1 else None
+        times.update(run_parallel(commands, {s: out / s / "train.log" for s in commands}, threads))
 
     pipeline = [f"pipeline.prior={ckpt['prior']}", f"pipeline.decoder={ckpt['decoder']}",
                 f"pipeline.upsamplers=[{ckpt['upsampler']}]"]
-    prompts = "prompts=[" + ",".join(PROMPTS) + "]"
-    times["sample"] = run([py, "sample.py", *pipeline, prompts, f"hydra.run.dir={out / 'samples'}",
-                           *(FAST["sample"] if args.fast else [])])
+    prompts = "prompts=[" + ",".join(hydra_quoted(p) for p in preset["prompts"]) + "]"
+    sample_extra = FAST["sample"] if args.fast else []
+    times["sample"] = run([py, "sample.py", *pipeline, prompts, f"hydra.run.dir={out / 'samples'}", *sample_extra])
     n_eval = FAST["eval_samples"] if args.fast else preset["eval_samples"]
     times["evaluate"] = run([py, "evaluate.py", *pipeline, f"data={preset['data']}", f"num_samples={n_eval}",
-                             f"hydra.run.dir={out / 'eval'}", *(FAST["sample"] if args.fast else [])])
+                             f"hydra.run.dir={out / 'eval'}", *sample_extra])
+    times["plots"] = run([py, "-m", "unclip.plots", *[str(out / s) for s in STAGES], "--out", str(out / "plots")])
 
     report = json.loads((out / "eval" / "eval.json").read_text())
-    summary = {"preset": args.preset, "fast": args.fast, "seconds": {k: round(v, 1) for k, v in times.items()},
-               "metrics": report.get("metrics", report)}
+    total = time.monotonic() - wall
+    summary = {"preset": args.preset, "fast": args.fast, "grammar": preset["grammar"], "minutes": round(total / 60, 2),
+               "seconds": {k: round(v, 1) for k, v in times.items()}, "metrics": report.get("metrics", report)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "=" * 72)
     per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-    print(f"demo finished in {sum(times.values()) / 60:.1f} min  ({per_stage})")
+    print(f"demo finished in {total / 60:.1f} min  ({per_stage}; side-by-side stages overlap)")
+    print(f"  grammar     {preset['grammar']}")
     print(f"  samples     {out / 'samples' / 'grid.png'}  (one PNG + JSON per caption in {out / 'samples' / 'images'})")
     print(f"  metrics     {out / 'eval' / 'eval.md'}")
+    print(f"  curves      {out / 'plots'}/loss.png, quality.png")
     print(f"  training    {out}/<stage>/samples/*.png (validation grids), <stage>/csv/ (curves), <stage>/train.log")
     print(f"  checkpoints {out}/<stage>/checkpoints/last.ckpt")
-    shown = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
-    for k in sorted(shown)[:14]:
-        print(f"    {k:>28}: {shown[k]:.4f}")
+    metrics = summary["metrics"]
+    shown = [k for k in sorted(metrics) if k.startswith("shapes_") and "_decoder_" not in k]
+    shown += [k for k in ("clip_score", "fd_clip", "fid", "is_mean") if k in metrics]
+    for k in shown:
+        print(f"    {k:>32}: {metrics[k]:.4f}")
 
 
 if __name__ == "__main__":

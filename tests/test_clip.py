@@ -283,7 +283,8 @@ def test_mirror_twins_are_flipped_images_with_the_captions_that_describe_them():
                           for im, _, _ in samples])
     captions = [c for _, c, _ in samples]
     system = ClipSystem.__new__(ClipSystem)  # the twin maker needs only its settings
-    system.mirror_twins, system.mirror_axes, system.no_vertical_words = 0.5, ("horizontal", "vertical"), {"star", "triangle"}
+    system.mirror_twins, system.mirror_axes = 0.5, ("horizontal", "vertical")
+    system.no_vertical_words = {"star", "triangle"}
     random.seed(0)
     out = ClipSystem.with_mirror_twins(system, {"image": images, "caption": captions})
     assert torch.equal(out["image"][:32], images[:32]) and out["caption"][:32] == captions[:32]

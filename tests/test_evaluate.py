@@ -37,7 +37,7 @@ def test_evaluate_writes_a_report_for_each_stage(stage, tiny_checkpoints, compos
     expected = {
         "clip": {"t2i_r1", "i2t_r5", "zeroshot_colour"},
         "prior": {"prior_cosine", "text_cosine", "unrelated_cosine", "prior_retrieval_top1"},
-        "decoder": {"clip_score", "fd_clip", "recon_clip_cosine", "shapes_indist_all"},
+        "decoder": {"clip_score", "fd_clip", "recon_clip_cosine", "shapes_indist_colour"},  # 32 px: no shape
         "upsampler": {"psnr", "psnr_bicubic", "psnr_gain_db", "shapes_indist_all"},
     }[stage]
     assert expected <= set(metrics), set(metrics)
@@ -65,7 +65,8 @@ def test_evaluate_pipeline_text_to_image(tiny_checkpoints, compose_cfg, tmp_path
         "batch_size=8", "num_workers=0", "prior_sampler.num_steps=3", "decoder_sampler.num_steps=3",
         "upsampler_samplers=[{num_steps: 2}]"], tmp_path)
     metrics = evaluate(cfg)["metrics"]
-    assert {"clip_score", "fd_clip", "shapes_indist_all", "shapes_decoder_indist_all"} <= set(metrics)
+    assert {"clip_score", "fd_clip", "shapes_indist_all", "shapes_decoder_indist_colour"} <= set(metrics)
+    assert "shapes_decoder_indist_all" not in metrics  # the 32 px decoder output is not judged on shape
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_samples"] == 8 and set(report["checkpoints"]) >= {"prior", "decoder", "upsampler", "clip"}
 
@@ -82,7 +83,7 @@ def test_training_time_evaluation_logs_curves(tmp_path, data_dir, no_inception):
         "model.sampler.num_steps=3", "data.val_batch_size=8", "model.warmup_steps=2"])
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     logged = {k for r in rows for k, v in r.items() if v}
-    assert {"val/clip_score", "val/fd_clip", "val/eval_samples", "val/shapes_indist_all", "val/loss",
+    assert {"val/clip_score", "val/fd_clip", "val/eval_samples", "val/shapes_indist_colour", "val/loss",
             "train/loss", "train/grad_norm", "val/recon_clip_cosine"} <= logged
     steps = [r["step"] for r in rows if r.get("val/clip_score")]
     assert len(steps) == 2  # a curve: one point per validation run

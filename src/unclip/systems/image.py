@@ -8,7 +8,8 @@ Decoder (Ramesh et al. 2022, sec. 2.1): conditioning on the CLIP image embedding
 embedding and as 4 context tokens) and the caption's token encodings; image embedding dropped with
 `image_drop_prob`, caption with `text_drop_prob` (guidance training). Its grid shows reconstructions from the
 validation images' true embeddings; val/recon_clip_cosine is cos(CLIP(reconstruction), embedding), and on
-`shapes` val/shapes_acc reads attributes back from the reconstructions.
+`shapes` val/shapes_<split>_<attribute> and val/shapes_acc_<split> (all right) read attributes back from the
+reconstructions, each only at image sizes where ShapesEval judges it.
 Upsampler: conditioning on the low-resolution image, corrupted in training (blur, or BSR-style for 1024),
 optionally noised with its level fed to the net; trained on random crops (`train_crop_size`, a quarter of the
 target side by default) of the target and of the upsampled conditioning; val/psnr and val/psnr_bicubic
@@ -384,15 +385,16 @@ def bicubic_upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def shapes_metrics(images: torch.Tensor, metas: list[dict] | None) -> dict[str, float]:
-    """ShapesEval all-attribute accuracy when the samples come from the `shapes` dataset, else nothing."""
+    """ShapesEval on samples from the `shapes` dataset (else nothing): `shapes_<split>_<attribute>` for every
+    attribute judged at this image size, and `shapes_acc_<split>` = all attributes right, where judged."""
     if not metas or not all(isinstance(m, dict) and "attributes" in m for m in metas):
         return {}
     from unclip.eval.shapes_eval import ShapesEval
 
-    scores = ShapesEval()(images, metas)
     out = {}
-    for key in ("indist/all", "heldout/all"):
-        value = scores.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            out[f"shapes_acc_{key.split('/')[0]}"] = float(value)
+    for key, value in ShapesEval()(images, metas).items():
+        if key.startswith("n_") or (isinstance(value, float) and math.isnan(value)):
+            continue
+        split, attribute = key.split("/")
+        out[f"shapes_acc_{split}" if attribute == "all" else f"shapes_{split}_{attribute}"] = float(value)
     return out
