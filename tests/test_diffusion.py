@@ -311,3 +311,17 @@ def test_guided_samplers_agree_on_an_exact_class_conditional_denoiser(name, thre
     own_side = out * torch.tensor([1.0, -1.0] * 8).view(16, 1, 1, 1)  # > 0: the class's side
     assert (own_side < 0).float().mean() < 0.15
     assert 0.3 < own_side.mean() < 0.5 and own_side.std() < 0.4
+
+
+def test_timestep_shift_moves_training_toward_high_noise():
+    g = torch.Generator().manual_seed(0)
+    uniform = GaussianDiffusion().sample_timesteps(200_000, torch.device("cpu"), generator=g)
+    shifted_d = GaussianDiffusion(timestep_shift=3.0)
+    shifted = shifted_d.sample_timesteps(200_000, torch.device("cpu"), generator=g)
+    assert shifted.min() >= 0 and shifted.max() <= 999 and shifted.dtype == torch.int64
+    assert abs(float((uniform >= 900).float().mean()) - 0.10) < 0.01
+    assert abs(float((shifted >= 900).float().mean()) - 0.25) < 0.01  # u > 3/4 maps above 0.9
+    assert abs(float((shifted < 200).float().mean()) - 0.2 / 2.6) < 0.01  # low noise is still trained
+    assert GaussianDiffusion.from_config(shifted_d.config).timestep_shift == 3.0
+    with pytest.raises(ValueError, match="timestep_shift"):
+        GaussianDiffusion(timestep_shift=0.0)

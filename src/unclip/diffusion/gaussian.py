@@ -71,6 +71,10 @@ class GaussianDiffusion(nn.Module):
         vlb_weight: lambda * T of L_hybrid, the weight of the per-sample VLB term (ADM: 0.001 * 1000).
         vlb_clamp: per-sample bound on the VLB term in bits/dim, so one sample whose predicted mean is far off
             at a small t (a huge (mu - mu~)^2 / Sigma) cannot blow up the step; bounded samples pass no gradient.
+        timestep_shift: training timesteps are drawn as t / T = s u / (1 + (s - 1) u) with u ~ U(0, 1) (the
+            timestep shift of Esser et al. 2024, eq. 23); s > 1 spends more training on high noise, where the
+            layout of an image is decided (s = 3: a quarter of the steps above t = 0.9 T instead of a tenth).
+            1 = uniform. Sampling is unaffected.
     """
 
     def __init__(
@@ -85,8 +89,11 @@ class GaussianDiffusion(nn.Module):
         learn_sigma: bool = False,
         vlb_weight: float = 1.0,
         vlb_clamp: float = 10.0,
+        timestep_shift: float = 1.0,
     ) -> None:
         super().__init__()
+        if timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {timestep_shift}")
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
         if loss_weighting not in ("none", "min_snr"):
@@ -98,6 +105,7 @@ class GaussianDiffusion(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learn_sigma, self.vlb_weight, self.vlb_clamp = learn_sigma, vlb_weight, vlb_clamp
+        self.timestep_shift = float(timestep_shift)
 
         betas = self.make_scheduler("ddpm").betas.to(torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -130,6 +138,7 @@ class GaussianDiffusion(nn.Module):
             "learn_sigma": self.learn_sigma,
             "vlb_weight": self.vlb_weight,
             "vlb_clamp": self.vlb_clamp,
+            "timestep_shift": self.timestep_shift,
         }
 
     @classmethod
@@ -151,8 +160,12 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ forward process
     def sample_timesteps(self, batch_size: int, device: torch.device, generator=None) -> torch.Tensor:
-        """t ~ Uniform{0, ..., T-1}, (B,) int64."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        """Training timesteps (B,) int64 in [0, T): uniform, or shifted toward high noise (`timestep_shift`)."""
+        if self.timestep_shift == 1.0:
+            return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        u = torch.rand(batch_size, device=device, generator=generator)
+        shifted = self.timestep_shift * u / (1 + (self.timestep_shift - 1) * u)
+        return (shifted * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.  Shapes: x0 (B, ...), t (B,)."""
