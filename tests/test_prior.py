@@ -112,6 +112,8 @@ def test_embedding_metrics():
     assert perfect["text_cosine"] < 0.9 and perfect["unrelated_cosine"] < 0.5
     random = embedding_metrics(F.normalize(torch.randn(20, D), dim=-1), image, text, captions)
     assert random["prior_cosine"] < 0.5 and random["prior_retrieval_top1"] < 0.5
+    assert perfect["text_retrieval_top1"] == random["text_retrieval_top1"] < 1.0  # the baseline: text alone
+    assert embedding_metrics(image, image, image, captions)["text_retrieval_top1"] == 1.0
 
 
 class WeightSpy(pl.Callback):

@@ -9,6 +9,7 @@ Validation (EMA weights): `val/loss`, and on sampled embeddings
     val/text_cosine          cos(text embedding, true image embedding): the baseline the prior must beat
     val/unrelated_cosine     cos(sampled, another caption's image embedding): must stay low
     val/prior_retrieval_top1 sampled embedding retrieves its own image among up to 100 distinct captions
+    val/text_retrieval_top1  the same for the caption's text embedding: the retrieval baseline
 """
 
 from __future__ import annotations
@@ -181,4 +182,6 @@ def embedding_metrics(sampled: torch.Tensor, image: torch.Tensor, text: torch.Te
     if recall:
         metrics["prior_retrieval_top1"] = recall[1]
         metrics["prior_retrieval_top5"] = recall[5]
+        baseline = grouped_recall(text, image, captions, ks=(1,), group_size=100)  # what the prior must beat
+        metrics["text_retrieval_top1"] = baseline[1]
     return metrics
