@@ -311,7 +311,23 @@ def all_nets():
         (UNet(**TINY_UPSAMPLER), upsampler_inputs(), run_unet),
         (UNet(**TINY_DECODER, coord_channels=True, text_pool=True, position_embedding=True), decoder_inputs(),
          run_unet),
+        (UNet(**TINY_DECODER, patch_size=2), decoder_inputs(), run_unet),
     ]
+
+
+def test_patch_size_runs_every_level_below_full_resolution():
+    net = perturb(UNet(**TINY_DECODER, patch_size=2)).eval()
+    inputs = decoder_inputs()
+    out = run_unet(net, inputs)
+    assert out.shape == inputs["x_t"].shape
+    sizes = []
+    hook = net.conv_in.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    run_unet(net, inputs)
+    hook.remove()
+    assert sizes == [(16, 16)]  # the first level already runs at half size
+    assert torch.count_nonzero(run_unet(UNet(**TINY_DECODER, patch_size=2).eval(), inputs)) == 0  # zero-init out
+    with pytest.raises(ValueError, match="patch_size"):
+        UNet(**{**TINY_DECODER, "image_size": 30}, patch_size=4)
 
 
 def test_coordinate_channels_and_pooled_caption_reach_the_output():
@@ -360,7 +376,7 @@ def test_position_embedding_starts_at_zero_learns_and_fixes_the_size():
         run_unet(pos, decoder_inputs(size=16))
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_config_rebuilds_identical_net(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net).eval()
@@ -371,7 +387,7 @@ def test_config_rebuilds_identical_net(index):
     assert torch.equal(run(rebuilt, inputs), run(net, inputs))
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_bf16_autocast_cpu(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net)
@@ -381,7 +397,7 @@ def test_bf16_autocast_cpu(index):
     out.float().square().mean().backward()
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_dynamo_traces_without_graph_breaks(index):
     """fullgraph=True fails on any graph break; the eager backend checks that in seconds (no codegen)."""
     net, inputs, run = all_nets()[index]

@@ -184,11 +184,16 @@ class UNet(nn.Module):
         coord_channels: bool = False,
         text_pool: bool = False,
         position_embedding: bool = False,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
         channel_mult, attention_resolutions = list(channel_mult), list(attention_resolutions)
-        self._validate_config(image_size, model_channels, channel_mult, attention_resolutions, num_head_channels)
+        if patch_size < 1 or image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} must be >= 1 and divide image_size={image_size}")
+        self.patch_size = patch_size
+        self._validate_config(image_size // patch_size, model_channels, channel_mult, attention_resolutions,
+                              num_head_channels)
         use_attention = len(attention_resolutions) > 0
         if text_token_dim is not None and not use_attention:
             raise ValueError(
@@ -207,7 +212,7 @@ class UNet(nn.Module):
         self.coord_channels = coord_channels
         if position_embedding and lowres_cond:
             raise ValueError("position_embedding is for nets that run at their training size, not upsamplers")
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.downsample_factor = patch_size * 2 ** (len(channel_mult) - 1)
         emb_dim = 4 * model_channels
         self.context_dim = context_dim = emb_dim
 
@@ -234,13 +239,17 @@ class UNet(nn.Module):
         # Down path; `skips` records the channels of every activation the up path will concatenate.
         ch = model_channels
         extra = in_channels if lowres_cond else 2 if coord_channels else 0
-        self.conv_in = nn.Conv2d(in_channels + extra, ch, 3, padding=1)
+        # patch_size p > 1: space-to-depth first (each p x p patch becomes one position with p^2 times the
+        # channels) and depth-to-space last, so no level runs at full resolution (simple diffusion,
+        # Hoogeboom et al. 2023, sec. 3.2): on small images the widest, costliest level goes.
+        self.conv_in = nn.Conv2d((in_channels + extra) * patch_size**2, ch, 3, padding=1)
         # A learned map per input feature (zero at init), as ViT's position embedding: with the conditioning's
         # scale-shift it makes "an object there" one multiplication away.
-        self.position_embedding = (nn.Parameter(torch.zeros(1, ch, image_size, image_size))
+        feature_size = image_size // patch_size
+        self.position_embedding = (nn.Parameter(torch.zeros(1, ch, feature_size, feature_size))
                                    if position_embedding else None)
         self.down = nn.ModuleList()
-        skips, res = [ch], image_size
+        skips, res = [ch], feature_size
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, mult * model_channels, emb_dim, dropout)]
@@ -272,7 +281,9 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(CondSequential(layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)),
+                                 nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity())
 
     @staticmethod
     def _validate_config(
@@ -387,7 +398,9 @@ class UNet(nn.Module):
             h = torch.cat([x_t, lowres_image.to(x_t.dtype)], dim=1)  # (B, 2C, H, W)
         if self.coord_channels:
             h = torch.cat([h, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
-        h = self.conv_in(h)  # (B, model_channels, H, W)
+        if self.patch_size > 1:
+            h = F.pixel_unshuffle(h, self.patch_size)  # (B, C p^2, H / p, W / p)
+        h = self.conv_in(h)  # (B, model_channels, H / p, W / p)
         if self.position_embedding is not None:
             h = h + self.position_embedding.to(h.dtype)
         skips = [h]
@@ -398,7 +411,7 @@ class UNet(nn.Module):
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, H', W')
             h = self._run(block, h, emb, context, context_mask)
-        return self.out(h)  # (B, out_channels, H, W)
+        return self.out(h)  # (B, out_channels, H, W): depth-to-space back to full size when p > 1
 
     def _run(self, block: CondSequential, h, emb, context, context_mask) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -424,9 +437,10 @@ class UNet(nn.Module):
         if H % f or W % f:
             raise ValueError(f"x_t is {H}x{W}, but this UNet downsamples by {f}: H and W must be multiples of {f}")
         _check_shape("t", t, (B,))
-        if self.position_embedding is not None and (H, W) != tuple(self.position_embedding.shape[-2:]):
+        trained = self.config["image_size"]
+        if self.position_embedding is not None and (H, W) != (trained, trained):
             raise ValueError(f"x_t is {H}x{W}, but this UNet has a position embedding for its training size "
-                             f"{self.position_embedding.shape[-1]} px; sample at that size")
+                             f"{trained} px; sample at that size")
 
         has_image, has_text = self.image_embed_dim is not None, self.text_token_dim is not None
         _check_presence(
