@@ -8,9 +8,11 @@ a grid for a few captions, evaluate from captions alone, plot the training curve
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
 Each stage is the same command a user types (printed before it runs), with its run folder and log under --out.
-Stages that do not depend on each other train side by side, one core each: the upsampler needs no CLIP and
-trains beside it, then the prior and the decoder train beside each other on the finished CLIP. Every stage
-has a time budget (`trainer.max_time`): the run measures its own step rate and ends, annealed, on time.
+On the CPU presets the work is spread over both cores: CLIP trains as two data-parallel ranks (`trainer=cpu_ddp`,
+one core each); its embeddings of the data are then computed once (`unclip.data.embed`), and the prior trains
+on them beside the upsampler (which needs no CLIP), one core each; last the decoder, the stage that needs the
+most compute, trains as two data-parallel ranks. Every stage has a time budget
+(`trainer.max_time`): the run measures its own step rate and ends, annealed, on time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,23 +49,24 @@ FULL_PROMPTS = [
 
 PRESETS = {
     "cpu": {
-        "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS, "threads": 1,
-        "phases": [("clip", "upsampler"), ("prior", "decoder")],
-        "budgets": {"clip": "00:00:02:15", "upsampler": "00:00:02:15", "prior": "00:00:07:00",
-                    "decoder": "00:00:07:00"},
+        "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS,
+        "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
+        "budgets": {"clip": "00:00:02:30", "upsampler": "00:00:01:15", "prior": "00:00:01:15",
+                    "decoder": "00:00:06:30"},
         "grammar": "a simpler caption grammar than `shapes`' full one: one large object per image (colour, shape, "
                    "position, background); `python demo.py --preset cpu_study` trains on the full grammar",
     },
     "cpu_study": {
-        "prefix": "study", "data": "shapes_study", "eval_samples": 1000, "prompts": FULL_PROMPTS, "threads": 1,
-        "phases": [("clip", "upsampler"), ("prior", "decoder")],
-        "budgets": {"clip": "00:00:12:00", "upsampler": "00:00:12:00", "prior": "00:00:38:00",
-                    "decoder": "00:00:38:00"},
+        "prefix": "study", "data": "shapes_study", "eval_samples": 1000, "prompts": FULL_PROMPTS,
+        "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
+        "budgets": {"clip": "00:00:10:00", "upsampler": "00:00:08:00", "prior": "00:00:08:00",
+                    "decoder": "00:00:32:00"},
         "grammar": "the full `shapes` grammar (one or two objects, three sizes, relations)",
     },
     "shapes": {
-        "prefix": "shapes", "data": "shapes", "eval_samples": 1000, "prompts": FULL_PROMPTS, "threads": None,
-        "phases": [("clip",), ("prior",), ("decoder",), ("upsampler",)],
+        "prefix": "shapes", "data": "shapes", "eval_samples": 1000, "prompts": FULL_PROMPTS,
+        "phases": [(("clip",), None), (("prior",), None), (("decoder",), None), (("upsampler",), None)],
+        "precompute": False,
         "budgets": {"clip": "00:00:01:30", "prior": "00:00:01:00", "decoder": "00:00:03:30",
                     "upsampler": "00:00:01:30"},
         "grammar": "the full `shapes` grammar",
@@ -76,6 +80,27 @@ FAST = {
     "eval_samples": 8,
 }
 STAGES = ("clip", "prior", "decoder", "upsampler")
+SPLITS = {"train": "${data.train_shards}", "val": "${data.val_shards[0]}", "heldout": "${data.val_shards[1]}"}
+PRECOMPUTED = {"prior": "[image_embed,text_embed,text_tokens,text_mask]",
+               "decoder": "[image_embed,text_tokens,text_mask]"}
+
+
+def embed_commands(py: str, data: str, clip_ckpt: Path, emb: Path) -> dict[str, list[str]]:
+    """One `unclip.data.embed` command per split: the finished CLIP's embeddings and caption tokens, stored once
+    beside each sample, so the prior and the decoder do not run CLIP at every step."""
+    return {f"embed_{split}": [py, "-m", "unclip.data.embed", f"data={data}", "clip=demo",
+                               f"clip.checkpoint={clip_ckpt}", f"shards={pattern}", f"out_dir={emb / split}",
+                               "text_tokens=true", "num_workers=1", "progress=false",
+                               f"hydra.run.dir={emb / 'logs' / split}"]
+            for split, pattern in SPLITS.items()}
+
+
+def precomputed_overrides(stage: str, emb: Path) -> list[str]:
+    """Train `stage` (prior or decoder) on the embedded shards of `embed_commands`."""
+    extra = ["++data.load_image=false"] if stage == "prior" else []  # the prior needs only the embeddings
+    return [f"data.train_shards={emb / 'train'}/*.tar",
+            f"data.val_shards=[{emb / 'val'}/*.tar,{emb / 'heldout'}/*.tar]", f"data.precomputed={PRECOMPUTED[stage]}",
+            *extra]
 
 
 def hydra_quoted(text: str) -> str:
@@ -85,7 +110,7 @@ def hydra_quoted(text: str) -> str:
 
 def stage_env(threads: int | None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if threads:  # side-by-side stages: one core each, no oversubscription
+    if threads:  # side-by-side stages and data-parallel ranks: one core each, no oversubscription
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
@@ -145,17 +170,22 @@ def main() -> None:
 
     times["data"] = run([py, "train.py", f"experiment={prefix}_clip", f"hydra.run.dir={out / 'data'}",
                          "prepare_only=true"])  # generate the data once, before stages start side by side
-    for phase in preset["phases"]:
+    emb = out / "data" / "embed"
+    for phase, threads in preset["phases"]:
         commands = {}
+        if "prior" in phase and preset["precompute"]:
+            shutil.rmtree(emb, ignore_errors=True)  # embeddings of this run's CLIP, not a resume of older ones
+            times.update(run_parallel(embed_commands(py, preset["data"], ckpt["clip"], emb),
+                                      {f"embed_{s}": emb / "logs" / f"{s}.log" for s in SPLITS}, threads=1))
         for stage in phase:
             cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null"]
             cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]
             if stage in ("prior", "decoder"):
                 cmd.append(f"clip.checkpoint={ckpt['clip']}")
-            if ckpt[stage].exists():
-                ckpt[stage].unlink()  # a fresh run, not a resume of an older demo
+                if preset["precompute"]:
+                    cmd += precomputed_overrides(stage, emb)
+            shutil.rmtree(out / stage, ignore_errors=True)  # a fresh run, not a resume of an older demo
             commands[stage] = cmd
-        threads = preset["threads"] if len(commands) > 1 else None
         times.update(run_parallel(commands, {s: out / s / "train.log" for s in commands}, threads))
 
     pipeline = [f"pipeline.prior={ckpt['prior']}", f"pipeline.decoder={ckpt['decoder']}",

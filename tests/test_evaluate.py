@@ -110,6 +110,12 @@ def test_the_demo_path_end_to_end(tmp_path, data_dir):
     assert (out / "samples" / "grid.png").is_file() and len(list((out / "samples" / "images").glob("*.png"))) == 8
     summary = json.loads((out / "summary.json").read_text())
     assert {"clip_score", "fd_clip"} <= set(summary["metrics"])
+    # the prior and the decoder trained on the finished CLIP's precomputed embeddings of every split
+    for split in ("train", "val", "heldout"):
+        stats = json.loads((out / "data" / "embed" / split / "embed_stats.json").read_text())
+        assert stats["count"] > 0 and stats["text_tokens"]
+    overrides = (out / "decoder" / ".hydra" / "overrides.yaml").read_text()
+    assert "data.precomputed=[image_embed,text_tokens,text_mask]" in overrides and "embed/train" in overrides
     assert "samples" in proc.stdout and str(out / "eval" / "eval.md") in proc.stdout
 
 
