@@ -118,3 +118,15 @@ def test_judges_each_attribute_only_at_sizes_where_it_reads_the_generator_right(
     assert scores48["indist/all"] >= 0.98 and scores48["heldout/all"] >= 0.98, scores48
     with pytest.raises(ValueError, match="at least 32 px"):
         ShapesEval()(F.interpolate(images[:2], size=24, mode="bilinear", antialias=True), metas[:2])
+
+
+def test_a_blob_of_no_named_colour_is_read_not_a_crash():
+    """A generated blob can lean away from every named colour (here: darker than an olive background, which
+    no colour direction points to); its coverage was all zero and the centroid divided by zero. It is now
+    read from its component: found, placed, sized and its outline matched."""
+    image = np.empty((32, 32, 3), np.uint8)
+    image[:] = (71, 100, 46)
+    image[12:17, 12:17] = (30, 54, 20)
+    (obj,) = read_scene(image)["objects"]
+    assert obj["position"] == "center" and obj["shape"] == "square"
+    assert obj["center"] == pytest.approx([14.5 / 32, 14.5 / 32], abs=1e-6) and obj["scale"] > 0

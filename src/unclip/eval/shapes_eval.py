@@ -111,6 +111,8 @@ def _read_object(
     direction = np.median(core, axis=0) if len(core) >= 3 else named  # measured colour - background
     alpha = np.zeros(own.shape, dtype=np.float32)
     alpha[region] = np.clip(pixels @ direction / max(float(direction @ direction), 1.0), 0.0, 1.0)
+    if float(alpha.sum()) < 1.0:  # no pixel leans towards the named colour (a generated blob of no real
+        alpha[region] = 1.0      # colour): read its place and size from the component itself
     shape, scale, cx, cy, error = _fit_template(alpha, y0, x0, height, width)
     side = math.sqrt(height * width)
     row, col = min(max(int(3 * cy / height), 0), 2), min(max(int(3 * cx / width), 0), 2)
@@ -147,6 +149,8 @@ def _fit_template(alpha: np.ndarray, y0: int, x0: int, height: int, width: int):
     centroid. Returns (shape or None, scale_px, box centre x, box centre y, relative L1 error).
     """
     mass = float(alpha.sum())
+    if mass <= 0.0:  # nothing covered: no shape, centred in the map
+        return None, 0.0, x0 + alpha.shape[1] / 2, y0 + alpha.shape[0] / 2, math.inf
     ys = np.arange(alpha.shape[0], dtype=np.float32) + (y0 + 0.5)
     xs = np.arange(alpha.shape[1], dtype=np.float32) + (x0 + 0.5)
     mx, my = float(alpha.sum(0) @ xs) / mass, float(alpha.sum(1) @ ys) / mass  # centroid, pixels
