@@ -51,8 +51,8 @@ PRESETS = {
     "cpu": {
         "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS,
         "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
-        "budgets": {"clip": "00:00:02:30", "upsampler": "00:00:01:15", "prior": "00:00:01:15",
-                    "decoder": "00:00:06:30"},
+        "budgets": {"clip": "00:00:03:15", "upsampler": "00:00:01:15", "prior": "00:00:01:15",
+                    "decoder": "00:00:07:15"},
         "grammar": "a simpler caption grammar than `shapes`' full one: one large object per image (colour, shape, "
                    "position, background); `python demo.py --preset cpu_study` trains on the full grammar",
     },
