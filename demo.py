@@ -1,7 +1,7 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, about 13 minutes, a simpler caption grammar
+    python demo.py                      the CPU demo: 2 cores, about 14 minutes, a simpler caption grammar
                                         (one large object per image; 32 px decoder -> 64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, under an hour, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
