@@ -137,7 +137,8 @@ def fill_zero_init(net, std: float = 1e-3) -> None:
 
 
 class CallCounter:
-    """Counts a module's forward calls and the rows they saw (guidance passes show up as rows)."""
+    """Counts a module's calls and the rows they saw: net evaluations, and how many samples they carried
+    (guidance as two passes, or as one stacked pass of twice the rows, gives the same rows)."""
 
     def __init__(self, module) -> None:
         self.calls = self.rows = 0
@@ -230,7 +231,7 @@ def ours_work(work: dict[str, Any], shape: dict[str, Any], args: argparse.Namesp
             call = smoke_decoder_call(stage, work, sampler, shape["text_tokens"])
     if args.compile:
         stage.net.compile(dynamic=False)
-    counter = CallCounter(stage.net)
+    counter = CallCounter(stage.net.out)  # the output layer: once per net evaluation, cached prefix or not
     return {"params": params, "sampler": sampler.to_dict(), "compile": args.compile,
             "channels_last": stage.channels_last, **run_sample(call, counter, work, args)}
 
@@ -498,7 +499,7 @@ def held(lock: str | None):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--works", nargs="+", choices=list(WORKS), default=list(WORKS), help="what to measure")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ours, peer) per work")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (ours, peer) per work (3; --smoke 1)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads per worker")
     p.add_argument("--warmup", type=int, default=2, help="training: untimed steps first")
     p.add_argument("--steps", type=int, default=4, help="training: timed steps")
@@ -525,8 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke and args.worker is None:
-        args.rounds, args.warmup, args.steps, args.sample_warmup, args.repeats = 1, 1, 1, 0, 1
+        args.warmup, args.steps, args.sample_warmup, args.repeats = 1, 1, 0, 1
         args.fit_max = min(args.fit_max, 8)
+    args.rounds = args.rounds or (1 if args.smoke else 3)
     if min(args.rounds, args.steps, args.repeats, args.threads) < 1 or min(args.warmup, args.sample_warmup) < 0:
         p.error("--rounds, --steps, --repeats and --threads must be >= 1; warm-ups >= 0")
     return args
