@@ -344,12 +344,29 @@ def run_sample(call, counter: CallCounter, work: dict[str, Any], args: argparse.
             "net_calls": counter.calls, "net_rows": counter.rows}
 
 
+def matmul_peak(args: argparse.Namespace, n: int = 2048) -> dict[str, Any]:
+    """The machine's fp32 matmul rate at these threads: the best of several n x n x n products (2 n^3 FLOPs),
+    a ceiling that no net's training or sampling reaches."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for _ in range(3 if args.smoke else 8):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return {"n": n, "flops_per_s": 2 * n**3 / min(times[1:] or times), "threads": torch.get_num_threads()}
+
+
 def worker_main(args: argparse.Namespace) -> None:
     """One measurement in this process; its record goes to --result as JSON."""
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.work == "matmul_peak":
+        Path(args.result).write_text(json.dumps({"side": args.worker, "work": args.work, **matmul_peak(args)}))
+        return
     works, shapes = (SMOKE_WORKS, SMOKE_SHAPES) if args.smoke else (WORKS, SHAPES)
     work = dict(works[args.work])
     if args.fit_batch:
@@ -455,12 +472,12 @@ def summarize(work: str, records: list[dict[str, Any]], fits: dict[str, Any]) ->
     return out
 
 
-def table(summaries: list[dict[str, Any]]) -> str:
+def table(summaries: list[dict[str, Any]], peak: float | None = None) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import format_table
 
-    header = ["work", "side", "params M", "GFLOP/sample", "samples/s", "GFLOP/s", "peak RSS MiB", "max batch",
-              "ours/peer"]
+    header = ["work", "side", "params M", "GFLOP/sample", "samples/s", "GFLOP/s", "% matmul peak", "peak RSS MiB",
+              "max batch", "ours/peer"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     rows = []
     for s in summaries:
@@ -471,6 +488,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
                 continue
             rows.append([s["work"], side, fmt(r["params"] / 1e6, ".2f"), fmt(r["flops_per_sample"] / 1e9, ".3f"),
                          fmt(r["samples_per_s"], ".2f"), fmt(r["flops_per_s"] / 1e9, ".1f"),
+                         fmt(100 * r["flops_per_s"] / peak if peak else None, ".0f"),
                          fmt(r["peak_rss_delta_bytes"] / 2**20, ".0f"), fmt(r["largest_batch"], "d"),
                          fmt(s["ratio"], ".2f") if side == "ours" else ""])
     return format_table(rows, header)
@@ -521,7 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON file for the records and the summary")
     # worker-only
     p.add_argument("--worker", choices=["ours", "peer"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--work", choices=list(WORKS), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--work", choices=[*WORKS, "matmul_peak"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--fit-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -564,6 +582,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": [], "fits": {}, "summary": [],
     }
     start = time.perf_counter()
+    with held(args.lock):
+        peak = run_worker("ours", "matmul_peak", args)
+    doc["matmul_peak_flops_per_s"] = peak.get("flops_per_s")
+    print(f"fp32 matmul peak ({args.threads} threads, 2048^3): "
+          f"{(peak.get('flops_per_s') or float('nan')) / 1e9:.0f} GFLOP/s", flush=True)
     for work in args.works:
         with held(args.lock):
             records = []
@@ -587,7 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads per worker, fp32, median of "
           f"{args.rounds} interleaved rounds; peer {PEER_PACKAGE}"
           + (f"; largest batch within {args.mem_cap_gib:g} GiB peak RSS delta (B * 2^k)" if args.fit else ""))
-    print(table(doc["summary"]), flush=True)
+    print(table(doc["summary"], doc["matmul_peak_flops_per_s"]), flush=True)
     return doc
 
 
