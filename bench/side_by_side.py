@@ -267,13 +267,13 @@ def peer_work(work: dict[str, Any], shape: dict[str, Any], args: argparse.Namesp
         net = peer.DiffusionPriorNetwork(**shape["peer"])
         model = peer.DiffusionPrior(net, image_embed_dim=d, timesteps=1000, cond_drop_prob=0.1,
                                     condition_on_text_encodings=True)
-        core = net
+        core, out_layer = net, net.causal_transformer  # its guidance calls forward() itself, past any hook
     else:
         net = peer.Unet(**shape["peer"])
         model = peer.Decoder(unet=net, image_size=shape["ours"]["image_size"], timesteps=1000,
                              image_cond_drop_prob=0.1, text_cond_drop_prob=0.5, learned_variance=False,
                              sample_timesteps=work.get("steps"))
-        core = net
+        core, out_layer = net, net.to_out
         d = shape["peer"]["image_embed_dim"]
     params = sum(p.numel() for p in core.parameters())
     n = work.get("batch") or work["samples"]
@@ -308,7 +308,7 @@ def peer_work(work: dict[str, Any], shape: dict[str, Any], args: argparse.Namesp
     else:
         call = lambda: model.sample(image_embed=image_embed, text_encodings=text_enc,  # noqa: E731
                                     cond_scale=work["cond_scale"])
-    counter = CallCounter(core)
+    counter = CallCounter(out_layer)  # once per net evaluation
     with torch.no_grad():
         return {"params": params, **run_sample(call, counter, work, args)}
 

@@ -79,6 +79,16 @@ def test_conditioned_prior_equals_forward(dropped):
         denoise(torch.randn(3, D), torch.zeros(3, dtype=torch.long))
 
 
+def test_conditioned_prior_under_bf16_autocast():
+    """The cached path keeps forward's dtypes under autocast (bf16 projections, fp32 residual stream)."""
+    net = nonzero_(make_net()).eval()
+    cond, x, t = conditioning(4), torch.randn(4, D), torch.randint(0, 1000, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached, full = net.conditioned(**cond)(x, t), net(x, t, **cond)
+    assert cached.dtype == full.dtype
+    assert torch.allclose(cached.float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
 def test_guided_denoiser_uses_the_cache_in_eval_only(monkeypatch):
     net = nonzero_(make_net())
     x, t, cond = torch.randn(3, D), torch.randint(0, 1000, (3,)), conditioning(3)
