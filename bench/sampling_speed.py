@@ -72,9 +72,11 @@ PEER_SAMPLING = {
 class Stage:
     """A preset ready to sample: net (eval, on the device), diffusion and default sampler of its stage."""
 
-    def __init__(self, preset: str, device: torch.device, channels_last: bool) -> None:
+    def __init__(self, preset: str, device: torch.device, channels_last: bool,
+                 net: torch.nn.Module | None = None) -> None:
+        """`net`: an already built net to use in place of conf/model/net/<preset>.yaml's."""
         self.preset = preset
-        self.net = build_net(preset).to(device).eval().requires_grad_(False)
+        self.net = (build_net(preset) if net is None else net).to(device).eval().requires_grad_(False)
         fill_zero_init(self.net)
         self.name = stage_of(self.net)
         self.settings = stage_settings(self.name)

@@ -235,9 +235,9 @@ def test_sampling_default_work():
 def test_sampling_sync_split(monkeypatch):
     """Syncs per step come from the difference between the full run and a 2-step run of the same call."""
 
-    def fake_count(fn, device):  # stands in for CUDA's sync debug mode: 1 sync per net forward, 3 per call
-        forwards = []
-        handle = stage.net.register_forward_hook(lambda *_: forwards.append(1))
+    def fake_count(fn, device):  # stands in for CUDA's sync debug mode: 1 sync per net evaluation, 3 per call
+        forwards = []  # counted at the output layer: the prior's cached sampling path does not call forward()
+        handle = stage.net.out.register_forward_hook(lambda *_: forwards.append(1))
         try:
             fn()
         finally:

@@ -61,6 +61,51 @@ def test_guidance_scale_one_is_the_conditional_prediction():
     assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-5)
 
 
+@pytest.mark.parametrize("dropped", [None, "some", "all"])
+def test_conditioned_prior_equals_forward(dropped):
+    """The cached prefix (caption tokens, text embedding) gives what the full forward gives, at every step."""
+    net = nonzero_(make_net()).eval()
+    cond = conditioning(4)
+    cond["text_mask"][1, 2:] = False  # captions of different lengths
+    if dropped:
+        cond["cond_drop_mask"] = torch.tensor([True, False, True, False]) if dropped == "some" \
+            else torch.ones(4, dtype=torch.bool)
+    denoise = net.conditioned(**cond)
+    for seed in range(3):  # the same conditioning, new x_t and t each step
+        g = torch.Generator().manual_seed(seed)
+        x, t = torch.randn(4, D, generator=g), torch.randint(0, 1000, (4,), generator=g)
+        assert torch.allclose(denoise(x, t), net(x, t, **cond), atol=1e-5)
+    with pytest.raises(ValueError, match="as the conditioning"):
+        denoise(torch.randn(3, D), torch.zeros(3, dtype=torch.long))
+
+
+def test_conditioned_prior_under_bf16_autocast():
+    """The cached path keeps forward's dtypes under autocast (bf16 projections, fp32 residual stream)."""
+    net = nonzero_(make_net()).eval()
+    cond, x, t = conditioning(4), torch.randn(4, D), torch.randint(0, 1000, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached, full = net.conditioned(**cond)(x, t), net(x, t, **cond)
+    assert cached.dtype == full.dtype
+    assert torch.allclose(cached.float(), full.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_guided_denoiser_uses_the_cache_in_eval_only(monkeypatch):
+    net = nonzero_(make_net())
+    x, t, cond = torch.randn(3, D), torch.randint(0, 1000, (3,)), conditioning(3)
+    calls = []
+    original = PriorTransformer.conditioned
+    monkeypatch.setattr(PriorTransformer, "conditioned", lambda self, **c: calls.append(1) or original(self, **c))
+    net.eval()
+    denoise = guided_denoiser(net, cond, PRIOR_DROP, 3.0)
+    first = denoise(x, t)
+    assert torch.allclose(denoise(x, t), first) and len(calls) == 1  # prepared once per sampling call
+    c, u = net(x, t, **cond), net(x, t, **cond, cond_drop_mask=torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(first, u + 3.0 * (c - u), atol=1e-5)
+    net.train()  # dropout draws per step: the cache would freeze the prefix's draw
+    guided_denoiser(net, cond, PRIOR_DROP, 3.0)(x, t)
+    assert len(calls) == 1
+
+
 def test_tiny_prior_overfits_eight_pairs():
     torch.manual_seed(0)
     net, diffusion, norm = make_net(), GaussianDiffusion(prediction_type="sample"), EmbedNormalizer(D)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 Thresholding = Literal["none", "static", "dynamic"]
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B, ...), t (B,)) -> net output
 
 SCHEDULERS = {
     "ddpm": "DDPMScheduler",
@@ -33,8 +34,8 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
 }
 
-__all__ = ["SCHEDULERS", "make_scheduler", "guided_denoiser", "sample_loop", "ddim_invert", "make_generators",
-           "has_variance", "mean_output"]
+__all__ = ["SCHEDULERS", "make_scheduler", "guided_denoiser", "conditioned", "sample_loop", "ddim_invert",
+           "make_generators", "has_variance", "mean_output"]
 
 
 def _scheduler_class(name: str):
@@ -99,22 +100,28 @@ def guided_denoiser(
     cond_scale == 1 only the conditional branch runs. Returns a function (x_t (B, ...), t (B,)) -> (B, ...).
     """
     if cond_scale == 1.0:
-        return lambda x, t: net(x, t, **cond)
+        return conditioned(net, cond)
 
     def doubled(v: Any) -> Any:
         return torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
 
     cond2 = {k: doubled(v) for k, v in cond.items() if k not in drop_mask_names}
+    stacked: dict[tuple[int, torch.device], Denoiser] = {}
+
+    def branches(b: int, device: torch.device) -> Denoiser:
+        """The net on [cond; uncond] conditioning for batch b, built once per (b, device)."""
+        if (b, device) not in stacked:
+            keep = torch.zeros(b, dtype=torch.bool, device=device)
+            masks = {}
+            for name in drop_mask_names:
+                given = cond.get(name)
+                first = keep if given is None else given.to(device=device, dtype=torch.bool)
+                masks[name] = torch.cat([first, ~keep])
+            stacked[(b, device)] = conditioned(net, {**cond2, **masks})
+        return stacked[(b, device)]
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        keep = torch.zeros(b, dtype=torch.bool, device=x.device)
-        masks = {}
-        for name in drop_mask_names:
-            given = cond.get(name)
-            first = keep if given is None else given.to(device=x.device, dtype=torch.bool)
-            masks[name] = torch.cat([first, ~keep])
-        out = net(torch.cat([x, x]), torch.cat([t, t]), **cond2, **masks)
+        out = branches(x.shape[0], x.device)(torch.cat([x, x]), torch.cat([t, t]))
         c, u = out.float().chunk(2)  # the extrapolation in fp32, whatever the autocast dtype
         if has_variance(c, x):  # learned variance: guide the mean, keep the conditional branch's variance
             (c, variance), u = c.chunk(2, dim=1), u.chunk(2, dim=1)[0]
@@ -122,6 +129,16 @@ def guided_denoiser(
         return u + cond_scale * (c - u)
 
     return denoise
+
+
+def conditioned(net: Callable[..., torch.Tensor], cond: dict[str, Any]) -> Denoiser:
+    """(x_t, t) -> net(x_t, t, **cond) for conditioning fixed over a sampling call. A net in eval mode with a
+    `conditioned(**cond)` method (PriorTransformer) does the work that depends on the conditioning alone once,
+    there, instead of at every step."""
+    prepare = getattr(net, "conditioned", None)
+    if callable(prepare) and not getattr(net, "training", False):
+        return prepare(**cond)
+    return lambda x, t: net(x, t, **cond)
 
 
 def has_variance(out: torch.Tensor, x: torch.Tensor) -> bool:

@@ -114,15 +114,25 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, T, C = x.shape
-        hs = C // self.heads
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hs).permute(2, 0, 3, 1, 4)  # 3 x (B, heads, T, hs)
+        q, k, v = self.project(x)
         if self.context_kv is not None and context is not None:
-            S = context.shape[1]
+            B, S, _ = context.shape
+            hs = x.shape[-1] // self.heads
             ck, cv = self.context_kv(context).view(B, S, 2, self.heads, hs).permute(2, 0, 3, 1, 4)  # (B, heads, S, hs)
             k = torch.cat([ck, k], dim=2)  # (B, heads, S + T, hs)
             v = torch.cat([cv, v], dim=2)  # (B, heads, S + T, hs)
+        return self.attend(q, k, v, mask)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> queries, keys, values, each (B, heads, T, C // heads)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, heads, T, hs) over k, v (B, heads, S, hs), mask broadcastable to (B, heads, T, S) -> (B, T, C)."""
+        B, _, T, hs = q.shape
         dropout_p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.heads * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y))

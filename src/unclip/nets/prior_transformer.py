@@ -17,6 +17,7 @@ sees the same positions for them as a full-length one.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -106,32 +107,85 @@ class PriorTransformer(nn.Module):
         """x_t (B, D), t (B,), text_embed (B, D), text_tokens (B, L, W), text_mask (B, L) bool (True = real
         token), cond_drop_mask (B,) bool (True = use the null conditioning). Returns (B, D)."""
         self._check(x_t, t, text_embed, text_tokens, text_mask, cond_drop_mask)
-        B, L = text_mask.shape
-
-        keep = text_mask
-        if cond_drop_mask is not None:
-            keep = keep & ~cond_drop_mask[:, None]  # (B, L)
-            text_embed = torch.where(cond_drop_mask[:, None], self.null_text_embed.to(text_embed.dtype), text_embed)
-        # Zero what is masked out, so its values (even non-finite padding) cannot reach any output.
-        text_tokens = torch.where(keep[:, :, None], text_tokens, 0.0)  # (B, L, W)
-
-        tokens = torch.cat(
-            [
-                self.text_token_proj(text_tokens),  # (B, L, width)
-                self.text_embed_proj(text_embed)[:, None],  # (B, 1, width)
-                self.time_embed(t)[:, None],  # (B, 1, width)
-                self.x_proj(x_t)[:, None],  # (B, 1, width)
-                self.query.expand(B, 1, -1),  # (B, 1, width)
-            ],
-            dim=1,
-        )  # (B, T, width), T = L + 4
-        pos = torch.cat([self.pos_embed[:L], self.pos_embed[self.num_text_tokens :]])  # (T, width)
-        h = self.drop(tokens + pos)
+        keep, text_embed, text_tokens = self._dropped(text_embed, text_tokens, text_mask, cond_drop_mask)
+        L = keep.shape[1]
+        tokens = torch.cat([self._prefix_tokens(text_embed, text_tokens), self._step_tokens(x_t, t)], dim=1)
+        h = self.drop(tokens + self._positions(L))  # (B, T, width), T = L + 4
 
         mask = self._attention_mask(keep)  # (B, 1, T, T)
         for block in self.blocks:
             h = block(h, mask)
         return self.out(self.ln_f(h[:, -1]))  # (B, D)
+
+    def conditioned(
+        self,
+        *,
+        text_embed: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        cond_drop_mask: torch.Tensor | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The denoiser for fixed conditioning, for sampling: (x_t (B, D), t (B,)) -> (B, D), equal to
+        `forward(x_t, t, **conditioning)` up to rounding.
+
+        The caption tokens and the text embedding come before t and x_t in the causal sequence, so their
+        states never depend on the step: their keys and values in every block are computed once here, and
+        each step runs only the last three positions (time, x_t, query) against them, about (L + 4) / 3
+        times less work per step than `forward`. Shapes as in `forward`.
+        """
+        self._check(text_embed, text_embed[:, 0], text_embed, text_tokens, text_mask, cond_drop_mask)
+        keep, text_embed, text_tokens = self._dropped(text_embed, text_tokens, text_mask, cond_drop_mask)
+        B, L = keep.shape
+        P = L + 1  # the prefix: caption tokens and the text embedding
+        pos = self._positions(L)  # (T, width)
+        mask = self._attention_mask(keep)  # (B, 1, T, T)
+        h = self.drop(self._prefix_tokens(text_embed, text_tokens) + pos[:P])  # (B, P, width)
+        prefix_kv = []
+        for block in self.blocks:
+            q, k, v = block.attn.project(block.ln_1(h))  # (B, heads, P, hs) each
+            prefix_kv.append((k, v))
+            h = h + block.attn.attend(q, k, v, mask[:, :, :P, :P])
+            h = h + block.mlp(block.ln_2(h))
+        step_mask = mask[:, :, P:]  # (B, 1, 3, T): the last three rows
+
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if x_t.shape != (B, self.embed_dim) or t.shape != (B,):
+                raise ValueError(f"x_t must be ({B}, {self.embed_dim}) and t ({B},) as the conditioning; got "
+                                 f"{tuple(x_t.shape)} and {tuple(t.shape)}")
+            h = self.drop(self._step_tokens(x_t, t) + pos[P:])  # (B, 3, width)
+            for block, (k, v) in zip(self.blocks, prefix_kv):
+                q, k_new, v_new = block.attn.project(block.ln_1(h))  # (B, heads, 3, hs) each
+                keys, values = torch.cat([k, k_new.to(k.dtype)], dim=2), torch.cat([v, v_new.to(v.dtype)], dim=2)
+                h = h + block.attn.attend(q, keys, values, step_mask)
+                h = h + block.mlp(block.ln_2(h))
+            return self.out(self.ln_f(h[:, -1]))  # (B, D)
+
+        return denoise
+
+    def _dropped(
+        self, text_embed: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+        cond_drop_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Guidance dropping: keep (B, L) bool, text_embed (B, D) with the null embedding where dropped, and
+        text_tokens (B, L, W) zeroed where not kept (even non-finite padding cannot reach any output)."""
+        keep = text_mask
+        if cond_drop_mask is not None:
+            keep = keep & ~cond_drop_mask[:, None]  # (B, L)
+            text_embed = torch.where(cond_drop_mask[:, None], self.null_text_embed.to(text_embed.dtype), text_embed)
+        return keep, text_embed, torch.where(keep[:, :, None], text_tokens, 0.0)
+
+    def _prefix_tokens(self, text_embed: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L + 1, width): the caption tokens, then the text embedding."""
+        return torch.cat([self.text_token_proj(text_tokens), self.text_embed_proj(text_embed)[:, None]], dim=1)
+
+    def _step_tokens(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, 3, width): the timestep, the noised embedding and the learned query."""
+        B = x_t.shape[0]
+        return torch.cat([self.time_embed(t)[:, None], self.x_proj(x_t)[:, None], self.query.expand(B, 1, -1)], dim=1)
+
+    def _positions(self, L: int) -> torch.Tensor:
+        """(L + 4, width): the first L caption positions, then the four fixed trailing ones."""
+        return torch.cat([self.pos_embed[:L], self.pos_embed[self.num_text_tokens :]])
 
     @staticmethod
     def _attention_mask(keep: torch.Tensor) -> torch.Tensor:
