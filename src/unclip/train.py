@@ -61,7 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_cb = trainer.checkpoint_callback
     saved_last = Path(getattr(ckpt_cb, "last_model_path", "") or "/nonexistent").resolve() == last.resolve()
     if getattr(ckpt_cb, "_last_global_step_saved", None) != trainer.global_step or not saved_last:
-        trainer.save_checkpoint(last)  # the final step, whatever the checkpoint interval, always as last.ckpt
+        trainer.save_checkpoint(last, weights_only=False)  # the final step (full state, for resuming), as last.ckpt
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     log.info("checkpoint: %s", last)
     return {"metrics": metrics, "checkpoint": str(last), "global_step": trainer.global_step}
