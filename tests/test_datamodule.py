@@ -469,3 +469,17 @@ def test_shards_alone_make_a_working_module(tmp_path):
     dm.setup("fit")
     seen = keys_of(drain(dm.train_dataloader(), dm))
     assert len(seen) == 6 and sorted(seen) == sorted(keys)
+
+
+def test_workers_started_by_forkserver_read_the_same_stream(tmp_path: Path) -> None:
+    """`worker_start_method=forkserver` (the CPU data-parallel demo stages: a forked worker of a rank whose
+    collective threads run can deadlock in fork): workers start that way and read what forked ones read."""
+    keys = jpg_txt_shards(tmp_path, 2, 6, width=40, height=40)
+    read = {}
+    for method in ("fork", "forkserver"):
+        dm = make_dm(val_shards=pattern(tmp_path, 2), val_batch_size=4, num_workers=2, worker_start_method=method)
+        loader = dm.val_dataloader()
+        assert loader.multiprocessing_context is not None
+        assert loader.multiprocessing_context.get_start_method() == method
+        read[method] = sorted(keys_of(drain(loader, dm)))
+    assert read["fork"] == read["forkserver"] == sorted(keys)

@@ -88,6 +88,9 @@ class WebDataModule(pl.LightningDataModule):
         prepare: zero-argument callable run once per node in `prepare_data` (e.g. a shard generator).
         seed: base seed of shard order, shuffling, crops, flips and template choice.
         pin_memory, prefetch_factor: DataLoader options (prefetch_factor applies when num_workers > 0).
+        worker_start_method: how loader workers start ("fork", "forkserver", "spawn"; None: the platform's
+            default). "forkserver" for CPU data parallel: forking a rank whose collective threads are running
+            can deadlock the new worker.
         max_image_pixels: images with more pixels are skipped as "oversized_image".
         uint8_transfer: the loader ships images as uint8 and `transfer_batch_to_device` converts them to
             float32 in [-1, 1] on the device: the model sees the same batch, the workers spend about half
@@ -121,6 +124,7 @@ class WebDataModule(pl.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = True,
         prefetch_factor: int = 2,
+        worker_start_method: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         uint8_transfer: bool = False,
     ) -> None:
@@ -133,6 +137,7 @@ class WebDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.worker_start_method = worker_start_method
         self.caption_key = caption_key
         self.class_names = resolve_class_names(class_names)
         self.caption_templates = check_templates(caption_templates)
@@ -365,6 +370,7 @@ class WebDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,  # keeps each worker's open lane reader and counters across epochs
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             worker_init_fn=_ignore_preemption_signals if workers > 0 else None,
+            multiprocessing_context=self.worker_start_method if workers > 0 else None,
             # Worker seeds from a generator of their own: loading never draws from the global torch stream,
             # which the training step's draws (and a resume's replay of them) rely on.
             generator=torch.Generator().manual_seed(self.seed),
