@@ -149,34 +149,33 @@ class CallCounter:
         self.rows += int(args[0].shape[0]) if args else 0
 
 
-def time_train(step, warmup: int, steps: int) -> dict[str, Any]:
-    """Warm-up steps, then `steps` timed steps; peak RSS delta over all of them."""
+def timed_calls(fn, warmup: int, n: int) -> tuple[list[float], Any, dict[str, int]]:
+    """`warmup` untimed calls of `fn`, then `n` timed ones: (seconds per call, the last output, RSS figures)."""
     before = rss_bytes()
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
+        fn()
+    times, out = [], None
+    for _ in range(n):
         t0 = time.perf_counter()
-        step()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return {"step_s": times, "rss_before_bytes": before, "peak_rss_delta_bytes": max(0, peak_rss_bytes() - before)}
+    return times, out, {"rss_before_bytes": before, "peak_rss_delta_bytes": max(0, peak_rss_bytes() - before)}
+
+
+def time_train(step, warmup: int, steps: int) -> dict[str, Any]:
+    """Warm-up steps, then `steps` timed steps; peak RSS delta over all of them."""
+    times, _, memory = timed_calls(step, warmup, steps)
+    return {"step_s": times, **memory}
 
 
 def time_sample(call, warmup: int, repeats: int) -> dict[str, Any]:
     """Warm-up calls, then `repeats` timed calls of the whole sampler; peak RSS delta over all of them."""
     import torch
 
-    before = rss_bytes()
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
+    times, out, memory = timed_calls(call, warmup, repeats)
     if not torch.isfinite(out).all():
         raise FloatingPointError("sampling produced non-finite values")
-    return {"call_s": times, "rss_before_bytes": before, "peak_rss_delta_bytes": max(0, peak_rss_bytes() - before)}
+    return {"call_s": times, **memory}
 
 
 # ---------------------------------------------------------------------- our side
