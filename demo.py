@@ -1,8 +1,8 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, about 14 minutes, a simpler caption grammar
-                                        (one large object per image; 32 px decoder -> 64 px upsampler)
+    python demo.py                      the CPU demo: 2 cores, 14 to 21 minutes by the machine, a simpler caption
+                                        grammar (one large object per image; 32 px decoder -> 64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, under an hour, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
@@ -11,13 +11,20 @@ Each stage is the same command a user types (printed before it runs), with its r
 On the CPU presets the work is spread over both cores: CLIP trains as two data-parallel ranks (`trainer=cpu_ddp`,
 one core each); its embeddings of the data are then computed once (`unclip.data.embed`), and the prior trains
 on them beside the upsampler (which needs no CLIP), one core each; last the decoder, the stage that needs the
-most compute, trains as two data-parallel ranks. Every stage has a time budget
-(`trainer.max_time`): the run measures its own step rate and ends, annealed, on time.
+most compute, trains as two data-parallel ranks.
+
+The CPU demo does a fixed amount of work per stage (`trainer.max_steps`): the step counts at which its figures
+were measured, so a slower machine takes longer but trains the same models (2-core machines differ by 1.8x in
+matrix throughput; with a time budget alone, the slower one trained 60% of the steps and drew the wrong colours
+in the wrong places). Each stage's time cap (`trainer.max_time`) bounds the run on a much slower machine: the run
+measures its step rate and ends, annealed, within the cap, and the demo says which stages fell short of their
+steps. The other presets have time budgets only.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -51,8 +58,9 @@ PRESETS = {
     "cpu": {
         "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS,
         "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
-        "budgets": {"clip": "00:00:03:15", "upsampler": "00:00:01:15", "prior": "00:00:01:15",
-                    "decoder": "00:00:07:15"},
+        "steps": {"clip": 1900, "prior": 850, "upsampler": 200, "decoder": 2400},
+        "budgets": {"clip": "00:00:06:00", "upsampler": "00:00:02:30", "prior": "00:00:02:30",
+                    "decoder": "00:00:13:00"},
         "grammar": "a simpler caption grammar than `shapes`' full one: one large object per image (colour, shape, "
                    "position, background); `python demo.py --preset cpu_study` trains on the full grammar",
     },
@@ -101,6 +109,32 @@ def precomputed_overrides(stage: str, emb: Path) -> list[str]:
     return [f"data.train_shards={emb / 'train'}/*.tar",
             f"data.val_shards=[{emb / 'val'}/*.tar,{emb / 'heldout'}/*.tar]", f"data.precomputed={PRECOMPUTED[stage]}",
             *extra]
+
+
+def trained_steps(run_dir: Path) -> int | None:
+    """The last optimizer step a stage logged (its CSV curves), or None without them."""
+    last = None
+    for path in run_dir.glob("csv/*/metrics.csv"):
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("step"):
+                    last = max(last or 0, int(float(row["step"])) + 1)
+    return last
+
+
+def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate in GFLOP/s at `threads` threads (the best of `repeats` n x n x n
+    products, 2 n^3 FLOPs each), recorded with the demo's times: what makes them comparable across machines."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
 
 def hydra_quoted(text: str) -> str:
@@ -166,6 +200,8 @@ def main() -> None:
     times: dict[str, float] = {}
     ckpt = {s: out / s / "checkpoints" / "last.ckpt" for s in STAGES}
     print(f"preset {args.preset}: {preset['grammar']}", flush=True)
+    gflops = matmul_gflops()
+    print(f"machine: {os.cpu_count()} cores, fp32 matmul {gflops:.0f} GFLOP/s at 2 threads", flush=True)
     wall = time.monotonic()
 
     times["data"] = run([py, "train.py", f"experiment={prefix}_clip", f"hydra.run.dir={out / 'data'}",
@@ -180,6 +216,8 @@ def main() -> None:
         for stage in phase:
             cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null"]
             cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]
+            if not args.fast and stage in preset.get("steps", {}):
+                cmd.append(f"trainer.max_steps={preset['steps'][stage]}")
             if stage in ("prior", "decoder"):
                 cmd.append(f"clip.checkpoint={ckpt['clip']}")
                 if preset["precompute"]:
@@ -188,6 +226,9 @@ def main() -> None:
             commands[stage] = cmd
         times.update(run_parallel(commands, {s: out / s / "train.log" for s in commands}, threads))
 
+    steps = {s: trained_steps(out / s) for s in STAGES}
+    target = {} if args.fast else preset.get("steps", {})
+    short = {s: (steps[s], n) for s, n in target.items() if steps[s] is not None and steps[s] < n}
     pipeline = [f"pipeline.prior={ckpt['prior']}", f"pipeline.decoder={ckpt['decoder']}",
                 f"pipeline.upsamplers=[{ckpt['upsampler']}]"]
     prompts = "prompts=[" + ",".join(hydra_quoted(p) for p in preset["prompts"]) + "]"
@@ -201,12 +242,18 @@ def main() -> None:
     report = json.loads((out / "eval" / "eval.json").read_text())
     total = time.monotonic() - wall
     summary = {"preset": args.preset, "fast": args.fast, "grammar": preset["grammar"], "minutes": round(total / 60, 2),
-               "seconds": {k: round(v, 1) for k, v in times.items()}, "metrics": report.get("metrics", report)}
+               "matmul_gflops": round(gflops, 1), "cpu_count": os.cpu_count(),
+               "seconds": {k: round(v, 1) for k, v in times.items()}, "steps": steps, "target_steps": target,
+               "metrics": report.get("metrics", report)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "=" * 72)
     per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     print(f"demo finished in {total / 60:.1f} min  ({per_stage}; side-by-side stages overlap)")
     print(f"  grammar     {preset['grammar']}")
+    print("  steps       " + ", ".join(f"{k} {v}" for k, v in steps.items()))
+    for stage, (done, wanted) in short.items():
+        print(f"  NOTE        {stage} reached {done} of its {wanted} steps within its time cap: this machine is "
+              "slower than the demo is sized for, and its figures will be lower than docs/RESULTS.md's")
     print(f"  samples     {out / 'samples' / 'grid.png'}  (one PNG + JSON per caption in {out / 'samples' / 'images'})")
     print(f"  metrics     {out / 'eval' / 'eval.md'}")
     print(f"  curves      {out / 'plots'}/loss.png, quality.png")

@@ -55,6 +55,24 @@ def test_min_snr_weights():
     assert torch.equal(GaussianDiffusion().loss_weight(t), torch.ones(3))
 
 
+def test_min_snr_floor_keeps_the_x0_weight_at_high_noise():
+    """clamp(snr, 1, 5) for x_0: 1 (plain x_0-MSE) at high noise, 5 (min-SNR's cap) at low noise, snr between;
+    the same weighting seen through v; the floor must lie in [0, gamma], and epsilon cannot take one."""
+    t = torch.arange(1000)
+    x0 = GaussianDiffusion(prediction_type="sample", loss_weighting="min_snr", min_snr_floor=1.0)
+    w, snr = x0.loss_weight(t), x0.snr
+    assert w[-1] == 1.0 and w[0] == 5.0 and torch.equal(w, snr.clamp(1.0, 5.0))
+    assert torch.equal(GaussianDiffusion(prediction_type="sample", loss_weighting="min_snr").loss_weight(t)[-1:],
+                       snr[-1:])  # without the floor the highest-noise step has almost no weight
+    v = GaussianDiffusion(prediction_type="v_prediction", loss_weighting="min_snr", min_snr_floor=1.0)
+    assert torch.allclose(v.loss_weight(t) * (snr + 1), w, rtol=1e-5)  # the same loss in x_0 units
+    assert GaussianDiffusion.from_config(x0.config).min_snr_floor == 1.0
+    with pytest.raises(ValueError, match="min_snr_floor"):
+        GaussianDiffusion(prediction_type="sample", loss_weighting="min_snr", min_snr_floor=6.0)
+    with pytest.raises(ValueError, match="unbounded at high noise"):
+        GaussianDiffusion(prediction_type="epsilon", loss_weighting="min_snr", min_snr_floor=1.0)
+
+
 def test_training_loss_is_zero_for_the_oracle_and_positive_otherwise():
     d = GaussianDiffusion(prediction_type="v_prediction")
     x0 = torch.randn(1, 2, 4, 4).expand(8, -1, -1, -1)

@@ -49,6 +49,19 @@ def test_evaluate_writes_a_report_for_each_stage(stage, tiny_checkpoints, compos
         assert (tmp_path / "samples.png").is_file()
 
 
+def test_decoder_shapes_judged_at_a_larger_side(tiny_checkpoints, compose_cfg, tmp_path, no_inception):
+    """shapes_judge_size=64: the 32 px reconstructions are judged on shape after a bicubic resize, beside the
+    real images through the same resize (the judge's ceiling there); a side below the decoder's is refused."""
+    base = [f"ckpt={tiny_checkpoints['decoder']}", "data=shapes_tiny", "num_samples=12", "batch_size=6",
+            "num_workers=0", "decoder_sampler.num_steps=2", "metrics=[]"]
+    metrics = evaluate(compose_cfg("evaluate", [*base, "shapes_judge_size=64"], tmp_path / "a"))["metrics"]
+    assert {"shapes_indist_shape", "shapes_indist_all", "shapes_real_indist_shape"} <= set(metrics), set(metrics)
+    assert metrics["shapes_real_indist_colour"] == 1.0 and metrics["shapes_real_indist_shape"] >= 0.75
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["shapes_judge_size"] == 64
+    with pytest.raises(ValueError, match="shapes_judge_size=16"):
+        evaluate(compose_cfg("evaluate", [*base, "shapes_judge_size=16"], tmp_path / "b"))
+
+
 def test_evaluate_is_deterministic(tiny_checkpoints, compose_cfg, tmp_path, no_inception):
     runs = []
     for i in range(2):
@@ -110,6 +123,8 @@ def test_the_demo_path_end_to_end(tmp_path, data_dir):
     assert (out / "samples" / "grid.png").is_file() and len(list((out / "samples" / "images").glob("*.png"))) == 8
     summary = json.loads((out / "summary.json").read_text())
     assert {"clip_score", "fd_clip"} <= set(summary["metrics"])
+    assert summary["steps"] == {"clip": 4, "prior": 4, "decoder": 4, "upsampler": 4}  # FAST's trainer.max_steps
+    assert summary["matmul_gflops"] > 0 and summary["target_steps"] == {}
     # the prior and the decoder trained on the finished CLIP's precomputed embeddings of every split
     for split in ("train", "val", "heldout"):
         stats = json.loads((out / "data" / "embed" / split / "embed_stats.json").read_text())

@@ -129,6 +129,7 @@ def test_time_budget_plan_stays_within_the_step_bounds():
     assert FitTimeBudget.plan(100, 10.0, 60.0, max_steps=300) == 300  # max_steps stays the upper bound
     assert FitTimeBudget.plan(100, 10.0, 60.0, max_steps=-1) == 700
     assert FitTimeBudget.plan(100, 10.0, remaining_s=2.0, max_steps=-1, reserve_s=5.0) == 101  # never before now
+    assert FitTimeBudget.plan(300, 10.0, 60.0, max_steps=300) == 300  # at max_steps already: it ends there
 
 
 class FakeClock:
@@ -174,6 +175,17 @@ def test_a_time_budget_ends_the_run_and_its_lr_schedule_together(tmp_path, data_
     header = rows[0].split(",")
     last_val = [r.split(",") for r in rows[1:] if r.split(",")[header.index("val/loss")]]
     assert last_val and int(last_val[-1][header.index("step")]) == step - 1  # validated at the end (0-based)
+
+
+def test_a_max_steps_run_validates_at_its_last_step(tmp_path, data_dir):
+    """Lightning ends a max_steps run without validating; the time-budget callback asks for the last
+    validation, so the curves and final figures are those of the final weights (val_check_interval=4, 6 steps:
+    validations after steps 4 and 6, logged 0-based)."""
+    train_stage("tiny_prior", tmp_path / "run", data_dir, ["trainer.max_steps=6", "trainer.val_check_interval=4"])
+    rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    val_steps = [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("val/loss")]]
+    assert val_steps == [3, 5]
 
 
 @pytest.mark.parametrize("experiment", ["tiny_prior", "tiny_clip"])

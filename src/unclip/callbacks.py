@@ -123,8 +123,10 @@ class FitTimeBudget(pl.Callback):
     """Fits the run's length to `trainer.max_time`: the last step, and with it the end of the LR schedule
     (unclip.systems.base.WarmupCosine), move to the step the time budget is expected to reach, so the decay
     completes and the final weights are annealed rather than cut off mid-schedule when the time runs out.
-    Without `max_time` it does nothing; `trainer.max_steps` stays the upper bound. The run ends the way a
-    `max_time` stop does: one last validation, then `last.ckpt`.
+    `trainer.max_steps` stays the upper bound. The run ends the way a `max_time` stop does, at the planned step
+    or at `max_steps`, whichever comes first: one last validation, then `last.ckpt` (Lightning itself ends a
+    `max_steps` run without validating, so a run's curves and final figures would stop at the last
+    `val_check_interval` before it). Without `max_time` only that last validation is added.
 
     The step rate is measured from `skip_steps` after the start (compilation and loader start-up left out),
     validation time included, and the plan is made every `estimate_at` steps and after each validation, from
@@ -152,11 +154,9 @@ class FitTimeBudget(pl.Callback):
     @staticmethod
     def plan(step: int, steps_per_s: float, remaining_s: float, max_steps: int, reserve_s: float = 0.0) -> int:
         """The last step the budget reaches: step + rate * (remaining - reserve), within [step + 1, max_steps]
-        (max_steps < 0: no upper bound)."""
-        target = step + int(steps_per_s * max(0.0, remaining_s - reserve_s))
-        if max_steps >= 0:
-            target = min(target, max_steps)
-        return max(step + 1, target)
+        (max_steps < 0: no upper bound; a run already at max_steps ends there)."""
+        target = max(step + 1, step + int(steps_per_s * max(0.0, remaining_s - reserve_s)))
+        return min(target, max_steps) if max_steps >= 0 else target
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
@@ -167,6 +167,8 @@ class FitTimeBudget(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True  # validate at the last step too (see the class docstring)
         if self._timer is None:
             return
         done = trainer.global_step - self._start_step

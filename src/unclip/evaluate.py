@@ -230,7 +230,8 @@ def _eval_decoder(cfg: DictConfig, device: torch.device):
     sampler = SamplerConfig.from_any(_given(cfg.decoder_sampler), **stage.sampler.to_dict())
     use_text = stage.meta["system"].get("use_text", False)
     metrics_obj = _image_metrics(cfg, clip, device)
-    shapes, cosines, shown, n = None, [], [], 0
+    judge = _judge_size(cfg, size)
+    shapes, reference, cosines, shown, n = None, None, [], [], 0
     for batch in _batches(cfg, size, None, device, clip_image_size=clip.image_size):
         b = len(batch["caption"])
         with torch.no_grad(), _autocast(cfg, device):
@@ -248,14 +249,35 @@ def _eval_decoder(cfg: DictConfig, device: torch.device):
         metrics_obj.update_fake(samples, captions=list(batch["caption"]))
         shapes = shapes or _shapes_eval(batch)
         if shapes is not None:
-            shapes.update(samples, batch["meta"])
+            shapes.update(_resized(samples, judge), batch["meta"])
+            if judge != size:  # the real images through the same resize: the judge's own ceiling there
+                reference = reference or _shapes_eval(batch)
+                reference.update(_resized(batch["image"].float(), judge), batch["meta"])
         if len(shown) < 2:
             shown += [batch["image"][: cfg.grid_samples], samples[: cfg.grid_samples]]
         n += b
     metrics = {**metrics_obj.compute(), "recon_clip_cosine": float(torch.cat(cosines).mean()), **_shapes_scores(shapes)}
-    extra = {"num_samples": n, "sampler": sampler.to_dict(), **metrics_obj.metadata(),
+    metrics.update({k.replace("shapes_", "shapes_real_"): v for k, v in _shapes_scores(reference).items()})
+    extra = {"num_samples": n, "sampler": sampler.to_dict(), **metrics_obj.metadata(), "shapes_judge_size": judge,
              "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "clip": _identity(clip)}
     return metrics, extra, shown
+
+
+def _judge_size(cfg: DictConfig, size: int) -> int:
+    """The side at which ShapesEval reads the decoder's samples: its own size unless `shapes_judge_size`."""
+    judge = cfg.get("shapes_judge_size")
+    if judge is None:
+        return size
+    if not isinstance(judge, int) or isinstance(judge, bool) or judge < size:
+        raise ValueError(f"shapes_judge_size={judge!r}: expected null or an integer side >= the decoder's {size} px")
+    return judge
+
+
+def _resized(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Images (B, 3, h, w) in [-1, 1], bicubic-resized to (side, side) unless already that size."""
+    from unclip.systems.image import bicubic_upsample
+
+    return images if images.shape[-1] == side else bicubic_upsample(images, side)
 
 
 def _eval_upsampler(cfg: DictConfig, device: torch.device):

@@ -10,7 +10,9 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021; Salimans & Ho 2022 for v):
     "v_prediction"     the net predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
     snr(t)             alpha_bar_t / (1 - alpha_bar_t)
     min_snr weighting  per-timestep loss weight min(snr, gamma) / snr, expressed for the predicted quantity
-                       (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy")
+                       (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy");
+                       with a floor f > 0, clamp(snr, f, gamma) / snr: below snr = f (high noise) the weight of
+                       x_0-MSE times f instead of min-SNR's vanishing one
     learn_sigma        the net also outputs v in [-1, 1] per pixel: log Sigma_t = (v+1)/2 log beta_t
                        + (1-v)/2 log beta~_t (Nichol & Dhariwal 2021, eq. 15), trained by L_hybrid = L_simple
                        + lambda L_vlb (eq. 16) with the mean's gradient stopped in L_vlb; beta~_t = beta_t
@@ -66,6 +68,10 @@ class GaussianDiffusion(nn.Module):
         prediction_type: what the net predicts: "epsilon", "sample" (x_0) or "v_prediction".
         loss_weighting: "none" (plain MSE on the prediction) or "min_snr".
         min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
+        min_snr_floor: lower clamp of the SNR in min-SNR weighting (0 = the paper's). Min-SNR gives the
+            high-noise steps, where the layout is decided, almost no weight; plain x_0-MSE gives the low-noise
+            steps, where outlines are sharpened, almost none (its weight in eps terms is 1 / snr). A floor of 1
+            keeps x_0-MSE's weight where snr < 1 and min-SNR's above it, at most gamma times more.
         beta_start, beta_end: endpoints of the linear schedules.
         learn_sigma: the net outputs 2C channels, the second C the interpolation v of its variance (above).
         vlb_weight: lambda * T of L_hybrid, the weight of the per-sample VLB term (ADM: 0.001 * 1000).
@@ -84,6 +90,7 @@ class GaussianDiffusion(nn.Module):
         prediction_type: PredictionType = "epsilon",
         loss_weighting: Literal["none", "min_snr"] = "none",
         min_snr_gamma: float = 5.0,
+        min_snr_floor: float = 0.0,
         beta_start: float = 0.0001,
         beta_end: float = 0.02,
         learn_sigma: bool = False,
@@ -98,11 +105,16 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
         if loss_weighting not in ("none", "min_snr"):
             raise ValueError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
+        if not 0.0 <= min_snr_floor <= min_snr_gamma:
+            raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma={min_snr_gamma}], got {min_snr_floor}")
+        if min_snr_floor > 0 and prediction_type == "epsilon":
+            raise ValueError("min_snr_floor is for sample or v_prediction: with epsilon its weight floor / snr "
+                             "is unbounded at high noise")
         self.num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type
         self.loss_weighting = loss_weighting
-        self.min_snr_gamma = min_snr_gamma
+        self.min_snr_gamma, self.min_snr_floor = min_snr_gamma, float(min_snr_floor)
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learn_sigma, self.vlb_weight, self.vlb_clamp = learn_sigma, vlb_weight, vlb_clamp
         self.timestep_shift = float(timestep_shift)
@@ -135,6 +147,7 @@ class GaussianDiffusion(nn.Module):
             "beta_end": self.beta_end,
             "loss_weighting": self.loss_weighting,
             "min_snr_gamma": self.min_snr_gamma,
+            "min_snr_floor": self.min_snr_floor,
             "learn_sigma": self.learn_sigma,
             "vlb_weight": self.vlb_weight,
             "vlb_clamp": self.vlb_clamp,
@@ -192,11 +205,12 @@ class GaussianDiffusion(nn.Module):
         return a * x_t - s * model_output
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample weight (B,) of the MSE on the prediction; min-SNR-gamma converted to each target."""
+        """Per-sample weight (B,) of the MSE on the prediction; min-SNR-gamma (with its floor) converted to each
+        target."""
         if self.loss_weighting == "none":
             return torch.ones_like(t, dtype=torch.float32)
         snr = self.snr.gather(0, t.long())
-        clipped = snr.clamp(max=self.min_snr_gamma)
+        clipped = snr.clamp(min=self.min_snr_floor, max=self.min_snr_gamma)
         if self.prediction_type == "epsilon":
             return clipped / snr
         if self.prediction_type == "sample":
