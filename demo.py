@@ -3,7 +3,7 @@ a grid for a few captions, evaluate from captions alone, plot the training curve
 
     python demo.py                      the CPU demo: 2 cores, 14 to 21 minutes by the machine, a simpler caption
                                         grammar (one large object per image; 32 px decoder -> 64 px upsampler)
-    python demo.py --preset cpu_study   the CPU study: 2 cores, under an hour, the full `shapes` grammar
+    python demo.py --preset cpu_study   the CPU study: 2 cores, about an hour, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
