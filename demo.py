@@ -1,7 +1,7 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, 14 to 21 minutes by the machine, a simpler caption
+    python demo.py                      the CPU demo: 2 cores, 14 to 23 minutes by the machine, a simpler caption
                                         grammar (one large object per image; 32 px decoder -> 64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, about an hour, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
@@ -122,19 +122,15 @@ def trained_steps(run_dir: Path) -> int | None:
     return last
 
 
-def matmul_gflops(threads: int = 2, n: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate in GFLOP/s at `threads` threads (the best of `repeats` n x n x n
-    products, 2 n^3 FLOPs each), recorded with the demo's times: what makes them comparable across machines."""
+def matmul_gflops(threads: int = 2) -> float:
+    """This machine's fp32 matmul rate in GFLOP/s at `threads` threads, recorded with the demo's times: what
+    makes them comparable across machines."""
     import torch
 
+    from unclip.utils.machine import matmul_flops_per_s
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return matmul_flops_per_s(repeats=5) / 1e9
 
 
 def hydra_quoted(text: str) -> str:

@@ -348,13 +348,10 @@ def matmul_peak(args: argparse.Namespace, n: int = 2048) -> dict[str, Any]:
     a ceiling that no net's training or sampling reaches."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    times = []
-    for _ in range(3 if args.smoke else 8):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return {"n": n, "flops_per_s": 2 * n**3 / min(times[1:] or times), "threads": torch.get_num_threads()}
+    from unclip.utils.machine import matmul_flops_per_s
+
+    rate = matmul_flops_per_s(n, repeats=3 if args.smoke else 8)
+    return {"n": n, "flops_per_s": rate, "threads": torch.get_num_threads()}
 
 
 def worker_main(args: argparse.Namespace) -> None:
