@@ -58,7 +58,7 @@ PRESETS = {
     "cpu": {
         "prefix": "demo", "data": "shapes_demo", "eval_samples": 400, "prompts": SIMPLE_PROMPTS,
         "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
-        "steps": {"clip": 1900, "prior": 850, "upsampler": 200, "decoder": 2400},
+        "steps": {"clip": 1500, "prior": 850, "upsampler": 200, "decoder": 2400},
         "budgets": {"clip": "00:00:06:00", "upsampler": "00:00:02:30", "prior": "00:00:02:30",
                     "decoder": "00:00:13:00"},
         "grammar": "a simpler caption grammar than `shapes`' full one: one large object per image (colour, shape, "

@@ -1,0 +1,68 @@
+"""Linear probes of embedded `shapes` shards: they find what an embedding encodes, and only that."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from unclip.data.shapes import POSITIONS
+from unclip.data.shapes_render import COLOURS, SHAPES
+from unclip.eval.linear_probe import main, probe_report, read_embedded_shapes
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def write_shard(path, n: int, seed: int, two_object_every: int = 0) -> None:
+    """Samples whose image embedding encodes the shape linearly (one-hot + noise) and the position not at all;
+    the text embedding encodes the position."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            shape, pos = SHAPES[rng.integers(len(SHAPES))], POSITIONS[rng.integers(len(POSITIONS))]
+            image = rng.normal(size=16) * 0.3
+            image[SHAPES.index(shape)] += 2.0
+            text = rng.normal(size=16) * 0.3
+            text[POSITIONS.index(pos)] += 2.0
+            obj = {"shape": shape, "colour": colours[i % len(colours)], "size": "large", "position": pos}
+            objects = [obj, dict(obj)] if two_object_every and i % two_object_every == 0 else [obj]
+            members = {"json": json.dumps({"attributes": {"background": "white", "objects": objects}}).encode(),
+                       "image_embed.npy": _npy(image.astype(np.float16)),
+                       "text_embed.npy": _npy(text.astype(np.float16))}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_the_probe_reads_what_each_embedding_encodes(tmp_path, capsys):
+    write_shard(tmp_path / "train.tar", 600, seed=0, two_object_every=5)
+    write_shard(tmp_path / "test.tar", 200, seed=1)
+    embeds, labels = read_embedded_shapes(str(tmp_path / "train.tar"))
+    assert embeds["image_embed"].shape == (480, 16) and len(labels["shape"]) == 480  # two-object scenes left out
+    report = probe_report(str(tmp_path / "train.tar"), str(tmp_path / "test.tar"))
+    assert report["shape"]["image_embed"] > 0.95 and report["shape"]["text_embed"] < 0.4
+    assert report["position"]["text_embed"] > 0.95 and report["position"]["image_embed"] < 0.3
+    assert report["shape"]["classes"] == len(SHAPES) and 0 < report["shape"]["chance"] < 0.4
+    assert "size" not in report and "background" not in report  # one class each: nothing to probe
+    main(["--train", str(tmp_path / "train.tar"), "--test", str(tmp_path / "test.tar"), "--out",
+          str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text())["shape"]["image_embed"] > 0.95
+    assert "position" in capsys.readouterr().out
+
+
+def test_shards_that_are_not_embedded_shapes_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        read_embedded_shapes(str(tmp_path / "*.tar"))
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:
+        info = tarfile.TarInfo("000000.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cap"))
+    with pytest.raises(FileNotFoundError, match="unclip.data.embed"):
+        read_embedded_shapes(str(tmp_path / "plain.tar"))
