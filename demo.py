@@ -4,7 +4,7 @@ a grid for a few captions, evaluate from captions alone, plot the training curve
     python demo.py                      the CPU demo: 2 cores, 14 to 23 minutes by the machine, a simpler caption
                                         grammar (one large object per image; 32 px decoder -> 64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, about an hour, the full `shapes` grammar
-    python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100, under 10 minutes)
+    python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100/H200, about 7 minutes)
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
 Each stage is the same command a user types (printed before it runs), with its run folder and log under --out.
@@ -73,10 +73,12 @@ PRESETS = {
     },
     "shapes": {
         "prefix": "shapes", "data": "shapes", "eval_samples": 1000, "prompts": FULL_PROMPTS,
-        "phases": [(("clip",), None), (("prior",), None), (("decoder",), None), (("upsampler",), None)],
+        # one GPU shared by two stages at a time: CLIP beside the upsampler (which needs no CLIP), then the
+        # prior beside the decoder; small nets leave most of an H100/H200 idle when run one at a time
+        "phases": [(("clip", "upsampler"), None), (("prior", "decoder"), None)],
         "precompute": False,
-        "budgets": {"clip": "00:00:01:30", "prior": "00:00:01:00", "decoder": "00:00:03:30",
-                    "upsampler": "00:00:01:30"},
+        "budgets": {"clip": "00:00:01:30", "upsampler": "00:00:01:30", "prior": "00:00:01:15",
+                    "decoder": "00:00:03:00"},
         "grammar": "the full `shapes` grammar",
     },
 }
@@ -131,6 +133,31 @@ def matmul_gflops(threads: int = 2) -> float:
 
     torch.set_num_threads(threads)
     return matmul_flops_per_s(repeats=5) / 1e9
+
+
+def parse_budgets(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """`--budget stage=DD:HH:MM:SS` items as {stage: budget}; a wrong stage or format is a usage error."""
+    budgets = {}
+    for item in items:
+        stage, _, budget = item.partition("=")
+        fields = budget.split(":")
+        if stage not in STAGES or len(fields) != 4 or not all(f.isdigit() for f in fields):
+            parser.error(f"--budget {item!r}: expected STAGE=DD:HH:MM:SS with STAGE one of {', '.join(STAGES)}")
+        budgets[stage] = budget
+    return budgets
+
+
+def stage_overrides(items: list[str], stage: str) -> list[str]:
+    """The `--train-override` items for `stage`: unscoped ones and those written `stage:key=value`."""
+    picked = []
+    for item in items:
+        scope, colon, rest = item.partition(":")
+        if colon and scope in (*STAGES, "data") and "=" not in scope:
+            if scope == stage:
+                picked.append(rest)
+        else:
+            picked.append(item)
+    return picked
 
 
 def hydra_quoted(text: str) -> str:
@@ -188,8 +215,17 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/demo, outputs/<preset>)")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage: checks the path, not quality")
+    parser.add_argument("--budget", action="append", default=[], metavar="STAGE=DD:HH:MM:SS",
+                        help="replace a stage's time budget (repeatable), e.g. --budget decoder=00:00:02:00")
+    parser.add_argument("--eval-samples", type=int, default=None, help="captions evaluated (default: the preset's)")
+    parser.add_argument("--train-override", action="append", default=[], metavar="[STAGE:]KEY=VALUE",
+                        help="a Hydra override added to every stage's train.py command, or to STAGE's alone "
+                             "(repeatable), e.g. --train-override upsampler:model.num_val_samples=4")
     args = parser.parse_args()
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset])
+    preset["budgets"] = {**preset["budgets"], **parse_budgets(parser, args.budget)}
+    if args.eval_samples is not None:
+        preset["eval_samples"] = args.eval_samples
     out = Path(args.out or f"outputs/{'demo' if args.preset == 'cpu' else args.preset}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     py, prefix = sys.executable, preset["prefix"]
@@ -201,7 +237,8 @@ def main() -> None:
     wall = time.monotonic()
 
     times["data"] = run([py, "train.py", f"experiment={prefix}_clip", f"hydra.run.dir={out / 'data'}",
-                         "prepare_only=true"])  # generate the data once, before stages start side by side
+                         "prepare_only=true", *stage_overrides(args.train_override, "data")])
+    # (the data is generated once, before stages start side by side)
     emb = out / "data" / "embed"
     for phase, threads in preset["phases"]:
         commands = {}
@@ -214,10 +251,13 @@ def main() -> None:
             cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]
             if not args.fast and stage in preset.get("steps", {}):
                 cmd.append(f"trainer.max_steps={preset['steps'][stage]}")
+            if threads is None and len(phase) > 1 and not args.fast:  # stages side by side share the loader cores
+                cmd.append(f"data.num_workers={max(1, (os.cpu_count() or 2) // len(phase) - 1)}")
             if stage in ("prior", "decoder"):
                 cmd.append(f"clip.checkpoint={ckpt['clip']}")
                 if preset["precompute"]:
                     cmd += precomputed_overrides(stage, emb)
+            cmd += stage_overrides(args.train_override, stage)
             shutil.rmtree(out / stage, ignore_errors=True)  # a fresh run, not a resume of an older demo
             commands[stage] = cmd
         times.update(run_parallel(commands, {s: out / s / "train.log" for s in commands}, threads))
