@@ -312,6 +312,7 @@ def all_nets():
         (UNet(**TINY_DECODER, coord_channels=True, text_pool=True, position_embedding=True), decoder_inputs(),
          run_unet),
         (UNet(**TINY_DECODER, patch_size=2), decoder_inputs(), run_unet),
+        (UNet(**TINY_DECODER, patch_size=2, image_embed_map=8), decoder_inputs(), run_unet),
     ]
 
 
@@ -376,7 +377,37 @@ def test_position_embedding_starts_at_zero_learns_and_fixes_the_size():
         run_unet(pos, decoder_inputs(size=16))
 
 
-@pytest.mark.parametrize("index", range(5))
+def test_image_embed_map_starts_at_zero_and_draws_the_embedding_where_it_says():
+    """image_embed_map: zero at init (the same net as without it), trained by the first backward; once set, a
+    change of the image embedding changes the output differently in different places (a spatial pattern, not
+    only the per-channel scale-shift), and a dropped embedding maps through the null embedding."""
+    plain = perturb(UNet(**TINY_DECODER, patch_size=2)).eval()
+    mapped = UNet(**TINY_DECODER, patch_size=2, image_embed_map=8).eval()
+    mapped.load_state_dict({**plain.state_dict(), **{k: v for k, v in mapped.state_dict().items()
+                                                     if k.startswith("image_embed_map")}})
+    inputs = decoder_inputs()
+    torch.testing.assert_close(run_unet(mapped, inputs), run_unet(plain, inputs))
+    run_unet(mapped.train(), inputs).square().mean().backward()
+    assert mapped.image_embed_map.weight.grad.abs().sum() > 0
+    mapped.eval()
+    with torch.no_grad():
+        mapped.image_embed_map.weight.normal_(0, 1.0)
+        for net in (plain, mapped):  # silence every other path of the embedding: scale-shift and tokens
+            net.image_embed_proj.weight.zero_(), net.image_token_proj.weight.zero_()
+    other = {**inputs, "image_embed": inputs["image_embed"] + torch.randn_like(inputs["image_embed"])}
+    torch.testing.assert_close(run_unet(plain, other), run_unet(plain, inputs))  # no path left without the map
+    delta = (run_unet(mapped, other) - run_unet(mapped, inputs)).abs().mean(dim=(0, 1))  # (H, W)
+    assert delta.mean() > 0 and delta.std() > 0.1 * delta.mean()  # it varies over the image
+    dropped = torch.ones(B, dtype=torch.bool)
+    torch.testing.assert_close(run_unet(mapped, other, image_embed_drop_mask=dropped),
+                               run_unet(mapped, inputs, image_embed_drop_mask=dropped))
+    with pytest.raises(ValueError, match="image_embed_map"):
+        UNet(**TINY_DECODER, patch_size=2, image_embed_map=5)
+    with pytest.raises(ValueError, match="training size"):
+        run_unet(mapped, decoder_inputs(size=16))
+
+
+@pytest.mark.parametrize("index", range(6))
 def test_config_rebuilds_identical_net(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net).eval()
@@ -387,7 +418,7 @@ def test_config_rebuilds_identical_net(index):
     assert torch.equal(run(rebuilt, inputs), run(net, inputs))
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_bf16_autocast_cpu(index):
     net, inputs, run = all_nets()[index]
     net = perturb(net)
@@ -397,7 +428,7 @@ def test_bf16_autocast_cpu(index):
     out.float().square().mean().backward()
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_dynamo_traces_without_graph_breaks(index):
     """fullgraph=True fails on any graph break; the eager backend checks that in seconds (no codegen)."""
     net, inputs, run = all_nets()[index]

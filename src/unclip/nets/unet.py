@@ -9,7 +9,9 @@ One class serves both stages (Ramesh et al. 2022):
   followed from the first layer on; `text_pool` also adds the caption's mean token state to the
   conditioning embedding (GLIDE adds its final token's there, section 2.3), a direct global path for what
   the caption says, next to attention; `position_embedding` adds a learned map per input feature (the
-  net then runs at its training size only).
+  net then runs at its training size only); `image_embed_map` r also projects the image embedding to an
+  r x r map of features added at the first level, as a generator's first layer turns its latent into a
+  coarse layout (DCGAN, Radford et al. 2016): what is drawn where, before any convolution has to place it.
 - upsamplers (section 2.1, appendix C): no text, no attention; the low-resolution image is resized to the
   output size and concatenated to x_t on channels (`lowres_cond`), and the level of the noise that
   corrupted it in training is embedded like a timestep (`noise_level_cond`, Ho et al. 2021, "Cascaded
@@ -185,6 +187,7 @@ class UNet(nn.Module):
         text_pool: bool = False,
         position_embedding: bool = False,
         patch_size: int = 1,
+        image_embed_map: int = 0,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -248,6 +251,13 @@ class UNet(nn.Module):
         feature_size = image_size // patch_size
         self.position_embedding = (nn.Parameter(torch.zeros(1, ch, feature_size, feature_size))
                                    if position_embedding else None)
+        if image_embed_map and (image_embed_dim is None or feature_size % image_embed_map):
+            raise ValueError(f"image_embed_map={image_embed_map} needs image_embed_dim and must divide the first "
+                             f"level's size {feature_size} (image_size / patch_size)")
+        self.embed_map_size = image_embed_map
+        # zero at init, so the fresh net is the one without it; the gradient still reaches its weights
+        self.image_embed_map = (zero_module(nn.Linear(image_embed_dim, ch * image_embed_map**2))
+                                if image_embed_map else None)
         self.down = nn.ModuleList()
         skips, res = [ch], feature_size
         for level, mult in enumerate(channel_mult):
@@ -376,6 +386,9 @@ class UNet(nn.Module):
                 null = self.null_image_embed.to(image_embed.dtype)
                 image_embed = torch.where(image_embed_drop_mask[:, None], null, image_embed)  # (B, D)
             emb = emb + self.image_embed_proj(image_embed)
+            if self.image_embed_map is not None:
+                r = self.embed_map_size
+                layout = self.image_embed_map(image_embed).view(B, -1, r, r)  # (B, model_channels, r, r)
             if self.image_token_proj is not None:
                 tokens = self.image_token_proj(image_embed).view(B, self.num_image_tokens, self.context_dim)
                 context_parts.append(tokens)  # (B, N, context_dim)
@@ -403,6 +416,8 @@ class UNet(nn.Module):
         h = self.conv_in(h)  # (B, model_channels, H / p, W / p)
         if self.position_embedding is not None:
             h = h + self.position_embedding.to(h.dtype)
+        if self.image_embed_map is not None:  # nearest: each map cell covers a block of the first level
+            h = h + F.interpolate(layout.to(h.dtype), size=h.shape[-2:], mode="nearest")  # (B, ch, H/p, W/p)
         skips = [h]
         for block in self.down:
             h = self._run(block, h, emb, context, context_mask)
@@ -438,9 +453,10 @@ class UNet(nn.Module):
             raise ValueError(f"x_t is {H}x{W}, but this UNet downsamples by {f}: H and W must be multiples of {f}")
         _check_shape("t", t, (B,))
         trained = self.config["image_size"]
-        if self.position_embedding is not None and (H, W) != (trained, trained):
-            raise ValueError(f"x_t is {H}x{W}, but this UNet has a position embedding for its training size "
-                             f"{trained} px; sample at that size")
+        sized = self.position_embedding is not None or self.image_embed_map is not None
+        if sized and (H, W) != (trained, trained):
+            raise ValueError(f"x_t is {H}x{W}, but this UNet has a position embedding or image embedding map for "
+                             f"its training size {trained} px; sample at that size")
 
         has_image, has_text = self.image_embed_dim is not None, self.text_token_dim is not None
         _check_presence(
