@@ -6,11 +6,15 @@
 Parts, in this order, each a subprocess whose log is kept and whose failure does not stop the next one:
 
 1. `env`: nvidia-smi, torch / CUDA / device, the packages the project imports (`env.json`, `env.txt`).
-2. `demo`: `python demo.py --preset shapes` (CLIP -> prior -> decoder -> upsampler on `shapes`, 64 -> 256 px,
+2. `profile`: 150 training steps of the `shapes` decoder stage under Lightning's simple profiler (time per
+   hook: the loader's next batch, the training step, the optimizer step, each callback), from an untrained
+   CLIP: on the first lease every stage ran at 5-7 steps/s whatever its size, so the host, not the GPU, set
+   the pace, and this says where.
+3. `demo`: `python demo.py --preset shapes` (CLIP -> prior -> decoder -> upsampler on `shapes`, 64 -> 256 px,
    sampled and judged by ShapesEval from captions alone), stage budgets scaled to fit the deadline.
-3. `train`: `bench/train_throughput.py` at the peer's shapes (`prior_peer` B=256, `decoder_peer` B=64), eager
+4. `train`: `bench/train_throughput.py` at the peer's shapes (`prior_peer` B=256, `decoder_peer` B=64), eager
    then compiled, with MFU and the ratio to the peer (`shared/bench/PEER.md`).
-4. `sampling`: `bench/sampling_speed.py`: the peer's sampling work and our path 16 captions -> 256 px per stage.
+5. `sampling`: `bench/sampling_speed.py`: the peer's sampling work and our path 16 captions -> 256 px per stage.
 
 Each part gets a share of the time left before `--deadline-s` and is killed at its end; whatever it wrote
 stays. The folder `--out` then holds `proof.md` (what ran, how long, exit codes, the tables each part printed
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Seconds each part is planned to take on the GPU (scaled down together when the deadline is nearer).
-PLAN_S = {"env": 20, "demo": 330, "train": 120, "sampling": 60}
+PLAN_S = {"env": 20, "profile": 70, "demo": 330, "train": 120, "sampling": 60}
 # The demo's stage budgets at a plan of 330 s (stages run two at a time; see demo.py's `shapes` preset).
 DEMO_BUDGET_S = {"clip": 75, "upsampler": 75, "prior": 60, "decoder": 120}
 DEMO_EVAL_SAMPLES = 600  # 300 in-distribution + 300 held-out captions
@@ -58,12 +63,15 @@ def part_command(part: str, args: argparse.Namespace, out: Path, scale: float, t
         sampling = ["--device", args.device, "--precision", "fp32", "--prior", "prior_tiny", "--decoder",
                     "decoder_tiny", "--upsampler", "upsampler_tiny", "--lowres-size", "16", "--steps", "2",
                     "--repeats", "1", "--num-captions", "2", "--num-embeds", "4", "--num-images", "2"]
+        profile = [o.removeprefix("decoder:") for o in SMOKE_TRAIN_OVERRIDES if o.partition(":")[0] in ("decoder", o)]
+        profile.append("trainer.max_steps=3")
         demo = ["--preset", "shapes", "--fast", "--eval-samples", "8"]
         demo += [f"--train-override={o}" for o in SMOKE_TRAIN_OVERRIDES]
     else:
         train = ["--preset", "prior_peer", "decoder_peer", "--batch", "256", "64", "--compile", "both",
                  "--optim", "fused", "--extras", "none"]
         sampling = ["--repeats", "2"]
+        profile = ["trainer.max_steps=150", "model.compile=false"]
         # no torch.compile in the demo: compiling a UNet took longer than a 75 s budget on the H200's 16 cores
         # with two stages' loaders beside it (the upsampler trained 1 step, the decoder overran its phase)
         demo = ["--preset", "shapes", "--eval-samples", str(args.eval_samples), "--train-override=model.compile=false"]
@@ -71,6 +79,9 @@ def part_command(part: str, args: argparse.Namespace, out: Path, scale: float, t
     budget = ["--budget-s", f"{max(1.0, timeout - BENCH_TAIL_S[part]):.0f}"] if part in BENCH_TAIL_S else []
     return {
         "env": [py, str(ROOT / "bench" / "gpu_proof.py"), "--env-only", "--out", str(out)],
+        "profile": [py, "train.py", "experiment=shapes_decoder", "clip.checkpoint=null", "ckpt_path=null",
+                    "+trainer.profiler=simple", "trainer.val_check_interval=100000",
+                    f"hydra.run.dir={out / 'profile_run'}", *profile],
         "demo": [py, "demo.py", *demo, "--out", str(out / "demo_run")],
         "train": [py, "bench/train_throughput.py", *train, *budget, "--out", str(out / "train_throughput.json")],
         "sampling": [py, "bench/sampling_speed.py", *sampling, *budget, "--out", str(out / "sampling_speed.json")],
@@ -118,9 +129,11 @@ def run_part(name: str, cmd: list[str], timeout: float, out: Path) -> dict:
         try:
             rc = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
             rc = "timeout"
+        finally:  # also when this script is stopped: a part in its own session would outlive it otherwise
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     seconds = time.monotonic() - start
     tail = log_path.read_text(errors="replace").splitlines()[-40:]
     print(f"[{name}] exit {rc} after {seconds:.0f}s; log tail:\n" + "\n".join(tail[-15:]), flush=True)
@@ -165,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.env_only:
         write_env(out)
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through run_part's clean-up
     started = time.monotonic()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -177,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         # a part may use its plan and whatever earlier parts left unused, never the later parts' share
         timeout = left - later
         results.append(run_part(part, part_command(part, args, out, scale, timeout), timeout, out))
+        if part == "profile":
+            shutil.rmtree(out / "profile_run", ignore_errors=True)
         if part == "demo":
             collect_demo(out / "demo_run", out)
             shutil.rmtree(out / "demo_run", ignore_errors=True)
