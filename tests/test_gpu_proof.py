@@ -1,0 +1,66 @@
+"""bench/gpu_proof.py and the demo options it drives: commands, time shares, and parts killed at their limit."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+proof = load("gpu_proof", ROOT / "bench" / "gpu_proof.py")
+demo = load("demo", ROOT / "demo.py")
+
+
+def args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"smoke": False, "eval_samples": 600, "device": "cpu", **kw})
+
+
+def test_demo_budgets_scale_and_benchmarks_stop_starting_before_their_end(tmp_path):
+    cmd = proof.part_command("demo", args(), tmp_path, 0.6, 300)
+    assert cmd[1:4] == ["demo.py", "--preset", "shapes"] and "--train-override=model.compile=false" in cmd
+    assert "--budget=clip=00:00:00:45" in cmd and "--budget=decoder=00:00:01:12" in cmd  # 75 s and 120 s x 0.6
+    train = proof.part_command("train", args(), tmp_path, 1.0, 150)
+    assert train[train.index("--budget-s") + 1] == "90"  # 150 s less the 60 s a compiled configuration needs
+    assert proof.part_command("sampling", args(), tmp_path, 1.0, 10)[-3:-2] == ["1"]  # never below 1 s
+    assert proof.hms(75) == "00:00:01:15" and proof.hms(3) == "00:00:00:10"
+    smoke = proof.part_command("profile", args(smoke=True), tmp_path, 1.0, 100)
+    assert "model.num_val_samples=2" in smoke and not any(o.startswith("decoder:") for o in smoke)
+
+
+def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '30']); "
+              f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(30)")
+    start = time.monotonic()
+    result = proof.run_part("slow", [sys.executable, "-c", script], 2.0, tmp_path)
+    assert result["rc"] == "timeout" and time.monotonic() - start < 10
+    stat = Path(f"/proc/{int(marker.read_text())}/stat")
+    time.sleep(0.2)  # the grandchild went with the part's process group (gone, or a zombie awaiting its reaper)
+    assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"
+    assert (tmp_path / "slow.log").exists()
+
+
+def test_demo_train_overrides_scope_to_a_stage_and_budgets_are_checked():
+    items = ["trainer.accelerator=cpu", "decoder:model.num_val_samples=2", "prior:model.sampler.num_steps=2",
+             "+trainer.max_time=00:00:01:00"]
+    assert demo.stage_overrides(items, "decoder") == ["trainer.accelerator=cpu", "model.num_val_samples=2",
+                                                      "+trainer.max_time=00:00:01:00"]
+    assert demo.stage_overrides(items, "clip") == ["trainer.accelerator=cpu", "+trainer.max_time=00:00:01:00"]
+    parser = argparse.ArgumentParser()
+    assert demo.parse_budgets(parser, ["clip=00:00:01:30"]) == {"clip": "00:00:01:30"}
+    for bad in ("clip=90", "vae=00:00:01:30", "clip"):
+        with pytest.raises(SystemExit):
+            demo.parse_budgets(parser, [bad])
