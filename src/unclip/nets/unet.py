@@ -11,9 +11,7 @@ One class serves both stages (Ramesh et al. 2022):
   the caption says, next to attention; `position_embedding` adds a learned map per input feature (the
   net then runs at its training size only); `image_embed_map` r also projects the image embedding to an
   r x r map of features added at the first level, as a generator's first layer turns its latent into a
-  coarse layout (DCGAN, Radford et al. 2016): what is drawn where, before any convolution has to place it;
-  `image_embed_field` h draws that map with a conditional coordinate MLP of h hidden units instead of one
-  linear layer (`EmbeddingField`), which can draw a shape at a place that the embedding names.
+  coarse layout (DCGAN, Radford et al. 2016): what is drawn where, before any convolution has to place it.
 - upsamplers (section 2.1, appendix C): no text, no attention; the low-resolution image is resized to the
   output size and concatenated to x_t on channels (`lowres_cond`), and the level of the noise that
   corrupted it in training is embedded like a timestep (`noise_level_cond`, Ho et al. 2021, "Cascaded
@@ -138,40 +136,6 @@ class AttentionBlock(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
-class EmbeddingField(nn.Module):
-    """The image embedding drawn as an r x r feature map by a conditional coordinate MLP (a CPPN, Stanley 2007;
-    conditional coordinate generators, Anokhin et al. 2021, "CIPS"), two hidden layers of h units:
-
-        map[:, u] = W_out SiLU(W_2 SiLU(W_e e + W_u u + b_1) + b_2),   u = a cell's centre, in cells.
-
-    Each first-layer unit is a soft half-plane whose offset and presence the embedding sets; the second layer
-    intersects them (a convex outline is an AND of half-planes, a cross a union of two of those). So "this
-    shape, there" is a function of the embedding and the cell that a few units draw, where one linear layer of
-    e (`UNet.image_embed_map`'s default) can only add a per-shape pattern to a per-place one and leave the
-    convolutions to multiply them. W_u starts at unit scale per cell (edges about a cell wide), W_out at zero
-    (the fresh net is the one without it). Costs r^2 (2h + h^2 + hC) multiply-adds per image: about 1.6M for
-    r=16, h=64, C=32, and 2h^2 + (D + C + 4) h parameters."""
-
-    def __init__(self, embed_dim: int, channels: int, size: int, hidden: int) -> None:
-        super().__init__()
-        self.size, self.channels = size, channels
-        self.embed = nn.Linear(embed_dim, hidden)
-        self.coord = nn.Linear(2, hidden, bias=False)
-        nn.init.normal_(self.coord.weight, 0.0, 1.0)
-        self.hidden = nn.Linear(hidden, hidden)
-        self.out = zero_module(nn.Linear(hidden, channels))
-        centres = torch.arange(size, dtype=torch.float32) - (size - 1) / 2  # cells from the centre
-        grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).view(size * size, 2)
-        self.register_buffer("grid", grid, persistent=False)  # (r^2, 2): (row, col) of each cell
-
-    def forward(self, image_embed: torch.Tensor) -> torch.Tensor:
-        """image_embed (B, D) -> (B, C, r, r)."""
-        B, r = image_embed.shape[0], self.size
-        h = self.embed(image_embed)[:, None, :] + self.coord(self.grid.to(image_embed.dtype))[None]  # (B, r^2, h)
-        h = F.silu(self.hidden(F.silu(h)))  # (B, r^2, h)
-        return self.out(h).transpose(1, 2).reshape(B, self.channels, r, r)
-
-
 class CondSequential(nn.ModuleList):
     """Layers run in order, each given the inputs it needs (ADM's TimestepEmbedSequential)."""
 
@@ -224,7 +188,6 @@ class UNet(nn.Module):
         position_embedding: bool = False,
         patch_size: int = 1,
         image_embed_map: int = 0,
-        image_embed_field: int = 0,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -291,15 +254,10 @@ class UNet(nn.Module):
         if image_embed_map and (image_embed_dim is None or feature_size % image_embed_map):
             raise ValueError(f"image_embed_map={image_embed_map} needs image_embed_dim and must divide the first "
                              f"level's size {feature_size} (image_size / patch_size)")
-        if image_embed_field and not image_embed_map:
-            raise ValueError("image_embed_field draws the image embedding map: set image_embed_map to its size")
         self.embed_map_size = image_embed_map
         # zero at init, so the fresh net is the one without it; the gradient still reaches its weights
-        self.image_embed_map: nn.Module | None = None
-        if image_embed_map and image_embed_field:
-            self.image_embed_map = EmbeddingField(image_embed_dim, ch, image_embed_map, image_embed_field)
-        elif image_embed_map:
-            self.image_embed_map = zero_module(nn.Linear(image_embed_dim, ch * image_embed_map**2))
+        self.image_embed_map = (zero_module(nn.Linear(image_embed_dim, ch * image_embed_map**2))
+                                if image_embed_map else None)
         self.down = nn.ModuleList()
         skips, res = [ch], feature_size
         for level, mult in enumerate(channel_mult):
