@@ -93,14 +93,7 @@ class ImageStageSystem(StageSystem):
         self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
         if "vlb" in out:  # learned variance: the VLB term in bits/dim, before its clamp
             self.log("train/vlb", out["vlb"].mean(), batch_size=x0.shape[0])
-        extra = self.extra_loss(out, cond)
-        if extra is not None:
-            loss = loss + extra
         return loss
-
-    def extra_loss(self, out: dict[str, torch.Tensor], cond: dict[str, Any]) -> torch.Tensor | None:
-        """A term added to the diffusion loss (a scalar), from `training_losses`' outputs; none by default."""
-        return None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step % self.trainer.log_every_n_steps:
@@ -173,10 +166,6 @@ class DecoderSystem(ImageStageSystem):
         clip: the frozen CLIP encoder.
         image_drop_prob: probability of dropping the image embedding in training (0.1 in the paper).
         text_drop_prob: probability of dropping the caption (0.5 in the paper).
-        clip_loss_weight: weight of a CLIP term added to the diffusion loss: 1 - cos(CLIP(x_0 prediction),
-            image embedding), over the samples that keep their embedding, its gradient through the frozen image
-            tower (0 = off, the paper's decoder). It rewards what CLIP reads (an outline) where pixel MSE
-            rewards the conditional mean (a blob).
         sampler: validation / default sampling settings (SamplerConfig keys; cond_scale is the guidance).
         num_val_samples: how many fixed validation images the sample grid reconstructs.
         val_seed: seed of the validation noise and samples.
@@ -192,7 +181,6 @@ class DecoderSystem(ImageStageSystem):
         clip: ClipEncoder | None = None,
         image_drop_prob: float = 0.1,
         text_drop_prob: float = 0.5,
-        clip_loss_weight: float = 0.0,
         sampler: dict[str, Any] | None = None,
         num_val_samples: int = 8,
         val_seed: int = 0,
@@ -216,11 +204,6 @@ class DecoderSystem(ImageStageSystem):
         for name, p in (("image_drop_prob", image_drop_prob), ("text_drop_prob", text_drop_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
-        if not clip_loss_weight >= 0.0:
-            raise ValueError(f"clip_loss_weight must be >= 0, got {clip_loss_weight}")
-        if clip_loss_weight and clip is None:
-            raise ValueError("clip_loss_weight > 0 needs the CLIP encoder (clip.checkpoint or a pretrained CLIP)")
-        self.clip_loss_weight = clip_loss_weight
         self.use_text = bool(cfg.get("text_token_dim"))
         self.image_drop_prob = image_drop_prob
         self.text_drop_prob = text_drop_prob
@@ -250,18 +233,6 @@ class DecoderSystem(ImageStageSystem):
                 cond["text_drop_mask"] = self.drop_mask(b, self.text_drop_prob)
         return x0, cond
 
-    def extra_loss(self, out: dict[str, torch.Tensor], cond: dict[str, Any]) -> torch.Tensor | None:
-        if not self.clip_loss_weight:
-            return None
-        x0_pred = self.diffusion.predict_x0(out["x_t"], out["t"], out["model_output"].float())  # (B, 3, H, W)
-        clip = self.clip
-        seen = F.normalize(clip.model.encode_image(clip.preprocess(x0_pred)).float(), dim=-1)  # (B, D)
-        cosine = (seen * cond["image_embed"]).sum(-1)  # (B,); the target is already unit length
-        keep = (~cond["image_embed_drop_mask"]).to(cosine.dtype)  # (B,): dropped rows have no target
-        term = ((1.0 - cosine) * keep).sum() / keep.sum().clamp(min=1.0)
-        self.log("train/clip_loss", term, batch_size=cosine.shape[0])
-        return self.clip_loss_weight * term
-
     def sample_batch(self, batch: dict[str, Any], seeds: list[int]) -> torch.Tensor:
         cond = self.conditioning(batch)
         shape = (len(seeds), 3, self.image_size, self.image_size)
@@ -280,7 +251,6 @@ class DecoderSystem(ImageStageSystem):
     def system_metadata(self) -> dict[str, Any]:
         return {"sampler": self.sampler.to_dict(), "image_drop_prob": self.image_drop_prob,
                 "text_drop_prob": self.text_drop_prob, "use_text": self.use_text,
-                "clip_loss_weight": self.clip_loss_weight,
                 "drop_masks": list(DECODER_DROP if self.use_text else DECODER_DROP[:1])}
 
 
