@@ -3,7 +3,7 @@ a grid for a few captions, evaluate from captions alone, plot the training curve
 
     python demo.py                      the CPU demo: 2 cores, 15 to 24 minutes by the machine, a simpler caption
                                         grammar (one large object per image; 32 px decoder -> 64 px upsampler)
-    python demo.py --preset cpu_study   the CPU study: 2 cores, about an hour, the full `shapes` grammar
+    python demo.py --preset cpu_study   the CPU study: 2 cores, 52 to 62 minutes, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100/H200, about 7 minutes)
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -11,17 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-proof = load("gpu_proof", ROOT / "bench" / "gpu_proof.py")
-demo = load("demo", ROOT / "demo.py")
+import demo  # noqa: E402
+import gpu_proof as proof  # noqa: E402
 
 
 def args(**kw) -> argparse.Namespace:
