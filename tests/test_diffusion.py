@@ -343,3 +343,53 @@ def test_timestep_shift_moves_training_toward_high_noise():
     assert GaussianDiffusion.from_config(shifted_d.config).timestep_shift == 3.0
     with pytest.raises(ValueError, match="timestep_shift"):
         GaussianDiffusion(timestep_shift=0.0)
+
+
+def test_sigma_data_preconditioning_is_v_prediction_at_one_and_passes_x_t_through_at_low_noise():
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    t = torch.tensor([0, 20, 100, 500, 900, 999])
+    v = GaussianDiffusion(prediction_type="v_prediction")
+    edm1 = GaussianDiffusion(prediction_type="sample", sigma_data=1.0)
+    x_t = v.q_sample(x0, t, noise)
+    assert torch.allclose(edm1.target(x0, noise, t), -v.target(x0, noise, t), atol=1e-4)  # F = -v
+    d = GaussianDiffusion(prediction_type="sample", sigma_data=0.25)
+    assert torch.allclose(d.predict_x0(x_t, t, d.target(x0, noise, t)), x0, atol=1e-3)  # every t, t=999 too
+    # a net that outputs nothing: its x_0 is x_t itself at low noise and nothing at high noise
+    passed = d.predict_x0(x_t, t, torch.zeros_like(x_t))
+    assert (passed[:2] - x0[:2]).abs().mean() < 0.04 and passed[5].abs().max() < 1e-3
+    # the loss is the MSE on the preconditioned output: the oracle's is 0, x_0-MSE weighted by 1 / c_out^2
+    loss = d.training_losses(lambda x, tt: d.target(x0, noise, tt), x0, t=t, noise=noise)["loss"]
+    assert loss.max() < 1e-8
+    zero = d.training_losses(lambda x, tt: torch.zeros_like(x), x0, t=t, noise=noise)["loss"]
+    x0_mse = (passed - x0).pow(2).flatten(1).mean(1)
+    assert torch.allclose(zero, x0_mse / d.skip_out[t] ** 2, rtol=1e-3)
+    assert GaussianDiffusion.from_config(d.config).sigma_data == 0.25
+    for bad in (dict(prediction_type="v_prediction", sigma_data=0.5), dict(prediction_type="sample", sigma_data=-1),
+                dict(prediction_type="sample", sigma_data=0.5, loss_weighting="min_snr")):
+        with pytest.raises(ValueError, match="sigma_data"):
+            GaussianDiffusion(**bad)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp", "unipc"])
+def test_samplers_read_a_preconditioned_net_with_guidance(name):
+    """The exact class-conditional denoiser written as a sigma_data = 0.25 net: with the sampler reading its
+    output through `as_prediction`, guided sampling gives each class its own side, as for the v-net."""
+    v = GaussianDiffusion(prediction_type="v_prediction")
+    d = GaussianDiffusion(prediction_type="sample", sigma_data=0.25)
+    means = torch.stack([torch.full((3, 4, 4), 0.4), torch.full((3, 4, 4), -0.4)])
+    v_net = gaussian_classes_denoiser(v, means, std=0.3)
+
+    def net(x, t, label, cond_drop_mask=None):  # F such that the preconditioned reading is the exact x_0
+        x0 = v.predict_x0(x, t, v_net(x, t, label, cond_drop_mask))
+        return (x0 - d.skip_xt[t].view(-1, 1, 1, 1) * x) / d.skip_out[t].view(-1, 1, 1, 1)
+
+    label = torch.tensor([0, 1] * 8)
+    denoise = d.as_prediction(guided_denoiser(net, {"label": label}, ("cond_drop_mask",), cond_scale=3.0))
+    out = sample_loop(denoise, (16, 3, 4, 4), d.make_scheduler(name, thresholding="static"), 50,
+                      generator=torch.Generator().manual_seed(0))
+    own_side = out * torch.tensor([1.0, -1.0] * 8).view(16, 1, 1, 1)
+    assert (own_side < 0).float().mean() < 0.15
+    assert 0.3 < own_side.mean() < 0.5 and own_side.std() < 0.4
+    raw = sample_loop(guided_denoiser(net, {"label": label}, ("cond_drop_mask",), cond_scale=3.0), (16, 3, 4, 4),
+                      d.make_scheduler(name, thresholding="static"), 50, generator=torch.Generator().manual_seed(0))
+    assert (raw - out).abs().mean() > 0.05  # the output read as plain x_0 is another (wrong) model

@@ -108,7 +108,7 @@ def sample_image_embeds(
     if seeds is not None:
         per_caption = make_generators(seeds, device)
         gens = [g for g in per_caption for _ in range(n)]
-    denoise = guided_denoiser(net, cond, PRIOR_DROP, sampler.cond_scale)
+    denoise = diffusion.as_prediction(guided_denoiser(net, cond, PRIOR_DROP, sampler.cond_scale))
     x0 = sample_loop(denoise, (b * n, normalizer.embed_dim), sampler.scheduler(diffusion), sampler.num_steps,
                      generator=gens if gens is not None else generator, device=device, eta=sampler.eta,
                      progress=progress, desc="prior")
@@ -164,7 +164,7 @@ def sample_images(
     if x_T is not None:
         device = x_T.device
     gens = make_generators(seeds, device) if seeds is not None else generator
-    denoise = guided_denoiser(net, cond, drop_mask_names, sampler.cond_scale)
+    denoise = diffusion.as_prediction(guided_denoiser(net, cond, drop_mask_names, sampler.cond_scale))
     x = sample_loop(denoise, shape, sampler.scheduler(diffusion), sampler.num_steps, generator=gens,
                     device=device, x_T=x_T, eta=sampler.eta, progress=progress, desc=desc)
     return x.clamp(-value_range, value_range)

@@ -8,6 +8,13 @@ Notation (Ho et al. 2020; Nichol & Dhariwal 2021; Salimans & Ho 2022 for v):
     "epsilon"          the net predicts eps
     "sample"           the net predicts x_0 (the unCLIP prior's choice, Ramesh et al. 2022 sec. 2.2)
     "v_prediction"     the net predicts v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0
+    sigma_data > 0     ("sample" only) the net's output F is preconditioned as in Karras et al. 2022 (EDM,
+                       eq. 7 and Table 1), written for x_t: x_0 = c_skip x_t / sqrt(alpha_bar_t) + c_out F with
+                       sigma^2 = 1 / snr, c_skip = sigma_d^2 / (sigma^2 + sigma_d^2), c_out = sigma sigma_d /
+                       sqrt(sigma^2 + sigma_d^2); the loss is the MSE on F (EDM's lambda = 1 / c_out^2 on x_0).
+                       Below sigma_d the noisy input passes through (c_skip -> 1), so a small net need not learn
+                       to copy fine detail; above it the net predicts x_0 as with plain "sample". sigma_d = 1 is
+                       v-prediction (F = -v)
     snr(t)             alpha_bar_t / (1 - alpha_bar_t)
     min_snr weighting  per-timestep loss weight min(snr, gamma) / snr, expressed for the predicted quantity
                        (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy");
@@ -81,6 +88,8 @@ class GaussianDiffusion(nn.Module):
             timestep shift of Esser et al. 2024, eq. 23); s > 1 spends more training on high noise, where the
             layout of an image is decided (s = 3: a quarter of the steps above t = 0.9 T instead of a tenth).
             1 = uniform. Sampling is unaffected.
+        sigma_data: with prediction_type "sample", > 0 preconditions the net's output (above, EDM): sigma_d,
+            the noise level below which x_t is passed through rather than re-predicted. 0 = plain x_0.
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class GaussianDiffusion(nn.Module):
         vlb_weight: float = 1.0,
         vlb_clamp: float = 10.0,
         timestep_shift: float = 1.0,
+        sigma_data: float = 0.0,
     ) -> None:
         super().__init__()
         if timestep_shift <= 0:
@@ -110,6 +120,12 @@ class GaussianDiffusion(nn.Module):
         if min_snr_floor > 0 and prediction_type == "epsilon":
             raise ValueError("min_snr_floor is for sample or v_prediction: with epsilon its weight floor / snr "
                              "is unbounded at high noise")
+        if sigma_data < 0 or (sigma_data > 0 and prediction_type != "sample"):
+            raise ValueError(f"sigma_data preconditions x_0 prediction: it needs prediction_type='sample' and must "
+                             f"be >= 0, got {sigma_data} with {prediction_type!r}")
+        if sigma_data > 0 and (loss_weighting != "none" or learn_sigma):
+            raise ValueError("sigma_data > 0 has its own loss weighting (the MSE on the preconditioned output): "
+                             "set loss_weighting='none' and learn_sigma=false")
         self.num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
         self.prediction_type = prediction_type
@@ -118,6 +134,7 @@ class GaussianDiffusion(nn.Module):
         self.beta_start, self.beta_end = beta_start, beta_end
         self.learn_sigma, self.vlb_weight, self.vlb_clamp = learn_sigma, vlb_weight, vlb_clamp
         self.timestep_shift = float(timestep_shift)
+        self.sigma_data = float(sigma_data)
 
         betas = self.make_scheduler("ddpm").betas.to(torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -134,7 +151,13 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt().float(), persistent=False)
-        self.register_buffer("snr", (alphas_cumprod / (1 - alphas_cumprod)).float(), persistent=False)
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        self.register_buffer("snr", snr.float(), persistent=False)
+        d2 = self.sigma_data**2
+        # EDM preconditioning in x_t terms: x_0 = skip_xt * x_t + skip_out * F (both 0 / 1 when sigma_data = 0)
+        skip_out = self.sigma_data / (1 + d2 * snr).sqrt() if d2 else torch.ones_like(snr)
+        self.register_buffer("skip_xt", (d2 * snr / (1 + d2 * snr) / alphas_cumprod.sqrt()).float(), persistent=False)
+        self.register_buffer("skip_out", skip_out.float(), persistent=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -152,6 +175,7 @@ class GaussianDiffusion(nn.Module):
             "vlb_weight": self.vlb_weight,
             "vlb_clamp": self.vlb_clamp,
             "timestep_shift": self.timestep_shift,
+            "sigma_data": self.sigma_data,
         }
 
     @classmethod
@@ -190,6 +214,9 @@ class GaussianDiffusion(nn.Module):
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "sample":
+            if self.sigma_data:
+                return (x0 - extract(self.skip_xt, t, x0.ndim) * self.q_sample(x0, t, noise)) / extract(
+                    self.skip_out, t, x0.ndim)
             return x0
         return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
@@ -201,8 +228,24 @@ class GaussianDiffusion(nn.Module):
         if self.prediction_type == "epsilon":
             return (x_t - s * model_output) / a
         if self.prediction_type == "sample":
-            return model_output
+            return self.skip_to_x0(x_t, t, model_output)
         return a * x_t - s * model_output
+
+    def skip_to_x0(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x_0 from a "sample" net's output (B, ...): the output itself, or with sigma_data its preconditioned
+        reading c_skip x_t / sqrt(alpha_bar_t) + c_out F."""
+        if not self.sigma_data:
+            return out
+        return extract(self.skip_xt, t, x_t.ndim) * x_t + extract(self.skip_out, t, x_t.ndim) * out
+
+    def as_prediction(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A sampler's denoiser (x_t, t) -> net output, read as the prediction its scheduler expects
+        (`prediction_type`): the identity unless sigma_data preconditions the output. Guidance is linear in the
+        output and the skip term is the same for both branches, so guiding F or x_0 is the same."""
+        if not self.sigma_data:
+            return denoise
+        return lambda x_t, t: self.skip_to_x0(x_t, t, denoise(x_t, t))
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight (B,) of the MSE on the prediction; min-SNR-gamma (with its floor) converted to each

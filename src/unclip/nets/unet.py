@@ -188,6 +188,7 @@ class UNet(nn.Module):
         position_embedding: bool = False,
         patch_size: int = 1,
         image_embed_map: int = 0,
+        full_res_channels: int = 0,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -246,6 +247,12 @@ class UNet(nn.Module):
         # channels) and depth-to-space last, so no level runs at full resolution (simple diffusion,
         # Hoogeboom et al. 2023, sec. 3.2): on small images the widest, costliest level goes.
         self.conv_in = nn.Conv2d((in_channels + extra) * patch_size**2, ch, 3, padding=1)
+        # full_res_channels c > 0 (with p > 1): a narrow full-resolution path around the folded net, a 3x3 stem
+        # on the input and a residual block (timestep-modulated) on the unfolded output plus the stem: per-pixel
+        # work (passing x_t's detail through, telling noise from an outline) for a few percent of the FLOPs.
+        if full_res_channels and patch_size == 1:
+            raise ValueError("full_res_channels is the full-resolution path of a folded net: it needs patch_size > 1")
+        self.stem = nn.Conv2d(in_channels + extra, full_res_channels, 3, padding=1) if full_res_channels else None
         # A learned map per input feature (zero at init), as ViT's position embedding: with the conditioning's
         # scale-shift it makes "an object there" one multiplication away.
         feature_size = image_size // patch_size
@@ -291,9 +298,18 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(CondSequential(layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)),
-                                 nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity())
+        self.head = None
+        if full_res_channels:
+            self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
+                                     nn.Conv2d(ch, full_res_channels * patch_size**2, 3, padding=1),
+                                     nn.PixelShuffle(patch_size))
+            self.head = CondSequential([ResBlock(full_res_channels, full_res_channels, emb_dim, dropout)])
+            self.head_out = nn.Sequential(group_norm(full_res_channels), nn.SiLU(),
+                                          zero_module(nn.Conv2d(full_res_channels, out_channels, 3, padding=1)))
+        else:
+            self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
+                                     zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)),
+                                     nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity())
 
     @staticmethod
     def _validate_config(
@@ -411,6 +427,7 @@ class UNet(nn.Module):
             h = torch.cat([x_t, lowres_image.to(x_t.dtype)], dim=1)  # (B, 2C, H, W)
         if self.coord_channels:
             h = torch.cat([h, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
+        stem = self.stem(h) if self.stem is not None else None  # (B, full_res_channels, H, W)
         if self.patch_size > 1:
             h = F.pixel_unshuffle(h, self.patch_size)  # (B, C p^2, H / p, W / p)
         h = self.conv_in(h)  # (B, model_channels, H / p, W / p)
@@ -426,6 +443,8 @@ class UNet(nn.Module):
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, ch + skip_ch, H', W')
             h = self._run(block, h, emb, context, context_mask)
+        if self.head is not None:  # unfolded to (B, full_res_channels, H, W), joined with the stem
+            return self.head_out(self._run(self.head, self.out(h) + stem, emb, None, None))
         return self.out(h)  # (B, out_channels, H, W): depth-to-space back to full size when p > 1
 
     def _run(self, block: CondSequential, h, emb, context, context_mask) -> torch.Tensor:
