@@ -247,7 +247,10 @@ def main() -> None:
             times.update(run_parallel(embed_commands(py, preset["data"], ckpt["clip"], emb),
                                       {f"embed_{s}": emb / "logs" / f"{s}.log" for s in SPLITS}, threads=1))
         for stage in phase:
-            cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null"]
+            # its output goes to a log file, where a live progress bar is only a thread redrawing (4% of the
+            # decoder's step time on two cores, docs/RESULTS.md)
+            cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null",
+                   "trainer.enable_progress_bar=false"]
             cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]
             if not args.fast and stage in preset.get("steps", {}):
                 cmd.append(f"trainer.max_steps={preset['steps'][stage]}")

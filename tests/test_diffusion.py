@@ -393,3 +393,32 @@ def test_samplers_read_a_preconditioned_net_with_guidance(name):
     raw = sample_loop(guided_denoiser(net, {"label": label}, ("cond_drop_mask",), cond_scale=3.0), (16, 3, 4, 4),
                       d.make_scheduler(name, thresholding="static"), 50, generator=torch.Generator().manual_seed(0))
     assert (raw - out).abs().mean() > 0.05  # the output read as plain x_0 is another (wrong) model
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction", "epsilon"])
+def test_edge_loss_weighs_outlines_not_flat_colour_in_every_parametrisation(prediction_type):
+    """edge_loss_weight lambda adds the MSE of the x_0 error's finite differences: a flat error (a colour off
+    by a constant) gains nothing, a checkerboard error (the highest frequency) 1 + 8 lambda times its weight
+    (each difference (2a)^2, on both axes), the same for every prediction type; the exact denoiser scores 0."""
+    lam = 2.0
+    d_on = GaussianDiffusion(prediction_type=prediction_type, edge_loss_weight=lam)
+    d_off = GaussianDiffusion(prediction_type=prediction_type)
+    x0, noise = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    t = torch.tensor([50, 400, 800])
+    a = d_on.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    s = d_on.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    to_output = {"sample": 1.0, "v_prediction": -1.0 / s, "epsilon": -a / s}[prediction_type]  # d out / d x_0
+
+    def loss(d, x0_error):
+        net = lambda x, tt: d.target(x0, noise, tt) + to_output * x0_error  # noqa: E731
+        return d.training_losses(net, x0, t=t, noise=noise)["loss"]
+
+    assert loss(d_on, torch.zeros_like(x0)).max() < 1e-8
+    flat = torch.full_like(x0, 0.1)
+    assert torch.allclose(loss(d_on, flat), loss(d_off, flat), rtol=1e-4)
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checker = 0.1 * (-1.0) ** (i + j).float().expand_as(x0)
+    assert torch.allclose(loss(d_on, checker) / loss(d_off, checker), torch.full((3,), 1 + 8 * lam), rtol=1e-3)
+    assert GaussianDiffusion.from_config(d_on.config).edge_loss_weight == lam
+    with pytest.raises(ValueError, match="edge_loss_weight"):
+        GaussianDiffusion(edge_loss_weight=-1.0)

@@ -29,6 +29,17 @@ PROBED: tuple[str, ...] = ("shape", "colour", "position", "size", "background")
 EMBEDDINGS: tuple[str, ...] = ("image_embed", "text_embed")
 
 
+def read_tar_samples(path: str) -> dict[str, dict[str, bytes]]:
+    """{key: {extension: bytes}} of every file in one WebDataset tar shard (keys as the shard writes them)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile() and "." in member.name:
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
 def read_embedded_shapes(pattern: str) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Embeddings {name: (N, D) float32} and labels {attribute: N names} of the one-object samples in the
     shards matching `pattern` (sorted). Raises FileNotFoundError when nothing matches or no sample qualifies."""
@@ -38,12 +49,7 @@ def read_embedded_shapes(pattern: str) -> tuple[dict[str, torch.Tensor], dict[st
     embeds: dict[str, list[np.ndarray]] = {name: [] for name in EMBEDDINGS}
     labels: dict[str, list[str]] = {a: [] for a in PROBED}
     for path in paths:
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile() and "." in member.name:
-                    key, ext = member.name.split(".", 1)
-                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        samples = read_tar_samples(path)
         for key in sorted(samples):
             sample = samples[key]
             if "json" not in sample or any(f"{name}.npy" not in sample for name in EMBEDDINGS):
