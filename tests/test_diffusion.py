@@ -422,3 +422,5 @@ def test_edge_loss_weighs_outlines_not_flat_colour_in_every_parametrisation(pred
     assert GaussianDiffusion.from_config(d_on.config).edge_loss_weight == lam
     with pytest.raises(ValueError, match="edge_loss_weight"):
         GaussianDiffusion(edge_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="edge_loss_weight is for images"):  # a prior's embeddings (B, D)
+        d_on.training_losses(lambda x, tt: x, torch.randn(3, 8))

@@ -316,7 +316,9 @@ class GaussianDiffusion(nn.Module):
             model_output, variance = model_output.chunk(2, dim=1)
         mse = F.mse_loss(model_output.float(), self.target(x0, noise, t).float(), reduction="none")
         per_sample = mse.flatten(1).mean(dim=1)
-        if self.edge_loss_weight and x0.ndim == 4:
+        if self.edge_loss_weight:
+            if x0.ndim != 4:
+                raise ValueError(f"edge_loss_weight is for images (B, C, H, W); got x_0 of shape {tuple(x0.shape)}")
             per_sample = per_sample + self.edge_loss_weight * self.edge_mse(
                 self.predict_x0(x_t, t, model_output.float()), x0.float(), t)
         per_sample = per_sample * self.loss_weight(t)

@@ -249,7 +249,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d((in_channels + extra) * patch_size**2, ch, 3, padding=1)
         # full_res_channels c > 0 (with p > 1): a narrow full-resolution path around the folded net, a 3x3 stem
         # on the input and a residual block (timestep-modulated) on the unfolded output plus the stem: per-pixel
-        # work (passing x_t's detail through, telling noise from an outline) for a few percent of the FLOPs.
+        # work (passing x_t's detail through, telling noise from an outline); on the CPU demo's decoder it costs
+        # a fifth more time per step and takes the grain out of v-prediction's samples (docs/RESULTS.md).
         if full_res_channels and patch_size == 1:
             raise ValueError("full_res_channels is the full-resolution path of a folded net: it needs patch_size > 1")
         self.stem = nn.Conv2d(in_channels + extra, full_res_channels, 3, padding=1) if full_res_channels else None
