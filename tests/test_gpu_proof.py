@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import demo  # noqa: E402
 import gpu_proof as proof  # noqa: E402
+
+import demo  # noqa: E402
 
 
 def args(**kw) -> argparse.Namespace:

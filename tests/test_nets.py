@@ -482,8 +482,9 @@ def test_full_res_path_starts_at_zero_runs_at_full_size_and_learns_per_pixel_wor
             opt.step()
         return float(loss)
 
+    small = {**TINY_DECODER, "image_size": 16, "attention_resolutions": [4], "patch_size": 2}
     torch.manual_seed(0)
-    folded = fit(UNet(**{**TINY_DECODER, "image_size": 16, "attention_resolutions": [4]}, patch_size=2))
+    folded = fit(UNet(**small))
     torch.manual_seed(0)
-    with_path = fit(UNet(**{**TINY_DECODER, "image_size": 16, "attention_resolutions": [4]}, patch_size=2, full_res_channels=4))
+    with_path = fit(UNet(**small, full_res_channels=4))
     assert with_path < 0.5 * folded, (with_path, folded)
