@@ -248,7 +248,7 @@ def main() -> None:
                                       {f"embed_{s}": emb / "logs" / f"{s}.log" for s in SPLITS}, threads=1))
         for stage in phase:
             # its output goes to a log file, where a live progress bar is only a thread redrawing (4% of the
-            # decoder's step time on two cores, docs/RESULTS.md)
+            # decoder's step time on two cores, docs/PERFORMANCE.md)
             cmd = [py, "train.py", f"experiment={prefix}_{stage}", f"hydra.run.dir={out / stage}", "ckpt_path=null",
                    "trainer.enable_progress_bar=false"]
             cmd += FAST["train"] if args.fast else [f"+trainer.max_time={preset['budgets'][stage]}"]

@@ -194,7 +194,9 @@ class UnCLIPPipeline:
         enc = self.clip.encode_text(list(prompts))
         return {k: v if v.dtype == torch.bool else v.float() for k, v in enc.items()}
 
-    def _decoder_cond(self, image_embed: torch.Tensor, text: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    def decoder_cond(self, image_embed: torch.Tensor, text: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """The decoder's conditioning for image embeddings (B, D) and encoded captions (`clip.encode_text`; None:
+        the null caption in both guidance branches)."""
         cond: dict[str, Any] = {"image_embed": F.normalize(image_embed.float(), dim=-1)}
         if self.decoder.meta["system"].get("use_text"):
             if text is not None:
@@ -229,7 +231,7 @@ class UnCLIPPipeline:
                progress: bool = False) -> torch.Tensor:
         """Image embeddings (B, D) (+ caption encodings) -> 64 px images (B, 3, 64, 64) in [-1, 1]."""
         sampler = sampler or self.decoder.sampler
-        cond = self._decoder_cond(image_embed, text)
+        cond = self.decoder_cond(image_embed, text)
         with self._on_device(self.decoder) as stage:
             return sample_images(stage.net, stage.diffusion, cond, self._image_shape(stage, len(seeds)), sampler,
                                  self._drops(), seeds=self.stage_seeds(seeds, "decoder"), x_T=x_T,
@@ -316,7 +318,7 @@ class UnCLIPPipeline:
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
         z = self.image_embeds(images) if image_embed is None else image_embed
-        cond = self._decoder_cond(z, None)
+        cond = self.decoder_cond(z, None)
         with self._on_device(self.decoder) as stage:
             denoise = guided_denoiser(stage.net, cond, self._drops(), 1.0)
             return ddim_invert(denoise, x, stage.diffusion.config, num_steps or self.decoder.sampler.num_steps,

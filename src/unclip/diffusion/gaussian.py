@@ -262,8 +262,6 @@ class GaussianDiffusion(nn.Module):
         err = x0_pred - x0
         dx, dy = err.diff(dim=-1), err.diff(dim=-2)
         per = dx.pow(2).flatten(1).mean(1) + dy.pow(2).flatten(1).mean(1)
-        if self.prediction_type == "sample" and not self.sigma_data:
-            return per  # x_0 units already
         return per / self.x0_error_scale(t)
 
     def x0_error_scale(self, t: torch.Tensor) -> torch.Tensor:
@@ -272,7 +270,7 @@ class GaussianDiffusion(nn.Module):
             return 1.0 / self.snr.gather(0, t.long())
         if self.prediction_type == "v_prediction":
             return 1.0 / (self.snr.gather(0, t.long()) + 1.0)
-        return self.skip_out.gather(0, t.long()) ** 2
+        return self.skip_out.gather(0, t.long()) ** 2  # "sample": c_out^2 with sigma_data, else 1
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight (B,) of the MSE on the prediction; min-SNR-gamma (with its floor) converted to each

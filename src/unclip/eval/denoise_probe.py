@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         parser.error(f"--t values must lie in [0, {stage.diffusion.num_timesteps})")
     images, captions, metas = read_images(args.shards, stage.net.config["image_size"], args.num)
     text = pipe.clip.encode_text(captions) if stage.meta["system"].get("use_text") else None
-    cond = pipe._decoder_cond(pipe.image_embeds(images), text)
+    cond = pipe.decoder_cond(pipe.image_embeds(images), text)
     rows = denoise_probe(stage.net, stage.diffusion, images, cond, args.t, metas, args.judge_size)
     print(format_rows(rows))
     if args.out:

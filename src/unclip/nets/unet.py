@@ -299,18 +299,15 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(CondSequential(layers))
 
+        # with the full-resolution path the unfolded output feeds its head, whose last conv starts at zero instead
+        last = nn.Conv2d(ch, (full_res_channels or out_channels) * patch_size**2, 3, padding=1)
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), last if full_res_channels else zero_module(last),
+                                 nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity())
         self.head = None
         if full_res_channels:
-            self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
-                                     nn.Conv2d(ch, full_res_channels * patch_size**2, 3, padding=1),
-                                     nn.PixelShuffle(patch_size))
             self.head = CondSequential([ResBlock(full_res_channels, full_res_channels, emb_dim, dropout)])
             self.head_out = nn.Sequential(group_norm(full_res_channels), nn.SiLU(),
                                           zero_module(nn.Conv2d(full_res_channels, out_channels, 3, padding=1)))
-        else:
-            self.out = nn.Sequential(group_norm(ch), nn.SiLU(),
-                                     zero_module(nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)),
-                                     nn.PixelShuffle(patch_size) if patch_size > 1 else nn.Identity())
 
     @staticmethod
     def _validate_config(
