@@ -258,17 +258,94 @@ def test_spatial_negatives_mirror_positions_and_keep_everything_else():
     assert changed > 120  # every caption but the centred single objects
 
 
-def test_spatial_negative_term_is_logged_and_trains(tmp_path, data_dir):
+SWAP_GROUPS = [["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"],
+               ["circle|disk", "square", "triangle", "star", "cross", "diamond|rhombus"]]
+
+
+def test_swap_negatives_exchange_attributes_between_objects():
+    import random
+
+    from unclip.data.shapes import parse_caption
+    from unclip.data.text import swap_negative, swap_words, word_classes
+
+    colours, shapes = (word_classes(g) for g in SWAP_GROUPS)
+    assert swap_words("There is a blue triangle beneath a green cross", colours) == \
+        "There is a green triangle beneath a blue cross"
+    assert swap_words("Blue square above a red star", colours) == "Red square above a blue star"  # case kept
+    assert swap_words("a purple disk right of a purple circle", colours) is None  # one colour: nothing to bind
+    assert swap_words("a purple disk right of a purple circle", shapes) is None  # synonyms are one class
+    assert swap_words("a red circle in the center", colours) is None
+    with pytest.raises(ValueError, match="two classes"):
+        word_classes(["red|blue", "blue"])
+    with pytest.raises(ValueError, match="letters-only"):
+        word_classes(["mid-sized"])
+    rng, kinds = random.Random(0), {"colour": 0, "shape": 0}
+    for i in range(300):
+        _, caption, _ = make_sample(0, "train", i, image_size=16)
+        negative = swap_negative(caption, [colours, shapes], rng)
+        a = parse_caption(caption)
+        if len(a["objects"]) < 2 or all(a["objects"][0][k] == a["objects"][1][k] for k in ("colour", "shape")):
+            assert negative is None, caption
+            continue
+        b = parse_caption(negative)
+        assert b["relation"] == a["relation"] and b.get("background") == a.get("background")
+        (c0, s0), (c1, s1) = [(o["colour"], o["shape"]) for o in a["objects"]]
+        got = [(o["colour"], o["shape"]) for o in b["objects"]]
+        kind = {((c1, s0), (c0, s1)): "colour", ((c0, s1), (c1, s0)): "shape"}[tuple(got)]
+        kinds[kind] += 1
+    assert kinds["colour"] > 30 and kinds["shape"] > 30  # both groups are drawn
+
+
+@pytest.mark.parametrize("override", ["model.spatial_negatives=true", f"model.swap_negatives={SWAP_GROUPS}"])
+def test_hard_negative_term_is_logged_and_trains(tmp_path, data_dir, override):
     from tests.conftest import train_stage
 
     train_stage("tiny_clip", tmp_path / "run", data_dir, [
         "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
-        "model.spatial_negatives=true", "callbacks.model_checkpoint.every_n_train_steps=6"])
+        override.replace(" ", ""), "callbacks.model_checkpoint.every_n_train_steps=6"])
     rows = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     values = [float(r.split(",")[header.index("train/negative_loss")]) for r in rows[1:]
               if r.split(",")[header.index("train/negative_loss")]]
     assert len(values) >= 5 and all(0.0 < v < 5.0 for v in values)  # ~log 2 while the CLIP cannot tell them apart
+    swap = [float(r.split(",")[header.index("val/swap_accuracy")]) for r in rows[1:]
+            if "val/swap_accuracy" in header and r.split(",")[header.index("val/swap_accuracy")]]
+    assert (len(swap) == 1 and 0.0 <= swap[0] <= 1.0) if "swap" in override else not swap
+
+
+def test_swap_preferences_read_which_caption_the_image_is_closer_to():
+    """An image feature equal to its caption's prefers it to the swap; one equal to the swap's does not."""
+    import random
+
+    system = ClipSystem.__new__(ClipSystem)
+    torch.nn.Module.__init__(system)
+    from unclip.data.text import word_classes
+
+    system.swap_groups = [word_classes(g) for g in SWAP_GROUPS]
+    vocab = {}
+
+    class Encoder:  # a bag-of-words-free text encoder: one random direction per distinct caption
+        model = type("M", (), {"encode_text": staticmethod(
+            lambda tokens, normalize=True: torch.stack([vocab[int(t)] for t in tokens]))})
+
+        @staticmethod
+        def tokenize(captions):
+            for c in captions:
+                vocab.setdefault(hash(c) % 10**9, F.normalize(torch.randn(8), dim=0))
+            return torch.tensor([hash(c) % 10**9 for c in captions])
+
+    system.__dict__["encoder"] = Encoder()
+    system._device = torch.device("cpu")
+    captions = ["a blue star above a red circle", "a red circle in the center", "a green cross left of a pink disk"]
+    text_f = Encoder.model.encode_text(Encoder.tokenize(captions))
+    from unclip.data.text import swap_negative
+    rng = random.Random(7)  # the draws swap_preferences makes with its seed, in order
+    negatives = [swap_negative(c, system.swap_groups, rng) for c in captions]
+    swapped = Encoder.model.encode_text(Encoder.tokenize([negatives[0], negatives[2]]))
+    assert ClipSystem.swap_preferences(system, captions, text_f, text_f, 7).tolist() == [True, True]
+    image_f = text_f.clone()
+    image_f[0], image_f[2] = swapped[0], swapped[1]
+    assert ClipSystem.swap_preferences(system, captions, image_f, text_f, 7).tolist() == [False, False]
 
 
 def test_mirror_twins_are_flipped_images_with_the_captions_that_describe_them():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,12 @@ class ClipSystem(StageSystem):
         spatial_negatives: add a hard-negative term: each caption that names a direction gets a copy with its
             directions mirrored (unclip.data.text.spatial_negative), and the image must prefer its caption
             over that copy, a 2-way softmax at the CLIP temperature (train/negative_loss).
+        swap_negatives: word groups (each a list of classes, synonyms joined by "|", e.g. the colours, the
+            shape names) for a second kind of hard negative in the same term: a caption with two words of
+            different classes of one group exchanged ("a blue triangle beneath a green cross" -> "a green
+            triangle beneath a blue cross"; unclip.data.text.swap_negative), so the CLIP must bind attributes
+            to objects rather than encode a bag of words. Validation then reports val/swap_accuracy: how often
+            an image prefers its caption over such a swap.
         negative_weight: the weight of that term.
         mirror_twins: fraction (at most 1/2) of each training batch replaced by mirrored twins of the rest: an
             image flipped on an axis its caption names a direction on, with the caption's direction words
@@ -61,6 +67,7 @@ class ClipSystem(StageSystem):
         max_logit_scale: float = 100.0,
         spatial_negatives: bool = False,
         negative_weight: float = 1.0,
+        swap_negatives: Sequence[Sequence[str]] = (),
         mirror_twins: float = 0.0,
         mirror_axes: tuple[str, ...] = ("horizontal",),
         no_vertical_words: tuple[str, ...] = (),
@@ -79,6 +86,9 @@ class ClipSystem(StageSystem):
         self.max_logit_scale = max_logit_scale
         self.spatial_negatives = spatial_negatives
         self.negative_weight = negative_weight
+        from unclip.data.text import word_classes
+
+        self.swap_groups = [word_classes(group) for group in plain(swap_negatives) or ()]
         mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
         if not 0.0 <= mirror_twins <= 0.5:
             raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
@@ -153,7 +163,7 @@ class ClipSystem(StageSystem):
         image_f, text_f, scale = self.features(batch)
         loss = self.loss_fn(image_f, text_f, scale)
         b = image_f.shape[0]
-        if self.spatial_negatives:
+        if self.spatial_negatives or self.swap_groups:
             negative = self.negative_loss(batch["caption"], image_f, text_f, scale)
             if negative is not None:
                 self.log("train/negative_loss", negative, batch_size=b)
@@ -163,23 +173,30 @@ class ClipSystem(StageSystem):
         self.log("train/temperature", 1.0 / scale, batch_size=b)
         return loss
 
+    def hard_negatives(self, caption: str, rng: random.Random) -> list[str]:
+        """The configured hard negatives of one caption: its mirrored copy (spatial_negatives) and an attribute
+        swap (swap_negatives), each where the caption allows one."""
+        from unclip.data.text import spatial_negative, swap_negative
+
+        negatives = [spatial_negative(caption, rng)] if self.spatial_negatives else []
+        if self.swap_groups:
+            negatives.append(swap_negative(caption, self.swap_groups, rng))
+        return [n for n in negatives if n is not None]
+
     def negative_loss(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
                       scale: torch.Tensor) -> torch.Tensor | None:
-        """Mean 2-way cross-entropy of (image . caption, image . mirrored caption) * scale over the captions that
-        name a direction; None when none does. image_f, text_f: (B, D) unit features."""
-        from unclip.data.text import spatial_negative
-
-        negatives = [spatial_negative(c, random) for c in captions]  # `random` is seeded per rank and step
-        rows = [i for i, n in enumerate(negatives) if n is not None]
-        if not rows:
+        """Mean 2-way cross-entropy of (image . caption, image . hard negative) * scale over every (caption, hard
+        negative) pair of `hard_negatives`; None when no caption has one. image_f, text_f: (B, D) unit features."""
+        pairs = [(i, n) for i, c in enumerate(captions) for n in self.hard_negatives(c, random)]  # `random` is
+        if not pairs:                                                                    # seeded per rank and step
             return None
-        tokens = self.encoder.tokenize([negatives[i] for i in rows]).to(self.device)
+        tokens = self.encoder.tokenize([n for _, n in pairs]).to(self.device)
         negative_f = self.encoder.model.encode_text(tokens, normalize=True)
-        index = torch.tensor(rows, device=image_f.device)
+        index = torch.tensor([i for i, _ in pairs], device=image_f.device)
         images = image_f.index_select(0, index)
         logits = scale * torch.stack([(images * text_f.index_select(0, index)).sum(-1),
                                       (images * negative_f).sum(-1)], dim=1)
-        return F.cross_entropy(logits.float(), torch.zeros(len(rows), dtype=torch.long, device=logits.device))
+        return F.cross_entropy(logits.float(), torch.zeros(len(pairs), dtype=torch.long, device=logits.device))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():  # as in CLIP: the scale stays at most 100
@@ -187,7 +204,7 @@ class ClipSystem(StageSystem):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"image": [], "text": [], "captions": [], "metas": []}
+        self._val = {"image": [], "text": [], "captions": [], "metas": [], "swap": []}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image_f, text_f, scale = self.features(batch)
@@ -196,6 +213,8 @@ class ClipSystem(StageSystem):
         self._val["text"].append(text_f.float())
         self._val["captions"].extend(batch["caption"])
         self._val["metas"].extend(batch.get("meta") or [{}] * image_f.shape[0])
+        if self.swap_groups:
+            self._val["swap"].append(self.swap_preferences(batch["caption"], image_f, text_f, batch_idx))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("image"):
@@ -210,8 +229,30 @@ class ClipSystem(StageSystem):
             from unclip.eval.zero_shot import shapes_zero_shot
 
             metrics.update(shapes_zero_shot(self.encoder, image, metas))
+        preferences = torch.cat(self._val["swap"]) if self._val["swap"] else None
+        if preferences is not None and preferences.numel():
+            metrics["swap_accuracy"] = preferences.float().mean().item()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val = {}
+
+    @torch.no_grad()
+    def swap_preferences(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
+                         seed: int) -> torch.Tensor:
+        """(M,) bool: whether each image prefers its caption over its attribute swap (`swap_negative`, drawn
+        with a fixed seed), for the M captions that have one. image_f, text_f: (B, D) unit features."""
+        from unclip.data.text import swap_negative
+
+        rng = random.Random(seed)
+        negatives = [swap_negative(c, self.swap_groups, rng) for c in captions]
+        rows = [i for i, n in enumerate(negatives) if n is not None]
+        if not rows:
+            return torch.zeros(0, dtype=torch.bool)
+        negative_f = self.encoder.model.encode_text(self.encoder.tokenize([negatives[i] for i in rows]).to(self.device),
+                                                    normalize=True)
+        index = torch.tensor(rows, device=image_f.device)
+        images = image_f.index_select(0, index).float()
+        own = (images * text_f.index_select(0, index).float()).sum(-1)
+        return (own > (images * negative_f.float()).sum(-1)).cpu()
 
     def stage_metadata(self) -> dict[str, Any]:
         ident = self.encoder.identity

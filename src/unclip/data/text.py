@@ -98,3 +98,48 @@ def spatial_negative(caption: str, rng: random.Random) -> str | None:
         return None
     choices = [[a] for a in axes] + ([axes] if len(axes) > 1 else [])
     return mirror_caption(caption, choices[int(rng.random() * len(choices))])
+
+
+def word_classes(group: Sequence[str]) -> dict[str, int]:
+    """A swap group's words -> the index of their class. Each entry of `group` is one class, its synonyms
+    joined by "|" ("circle|disk"): two words of one class are never swapped for each other."""
+    classes: dict[str, int] = {}
+    for index, entry in enumerate(group):
+        for word in str(entry).lower().split("|"):
+            if not word or not _WORD.fullmatch(word):
+                raise ValueError(f"swap group entry {entry!r}: expected letters-only words joined by '|'")
+            if classes.setdefault(word, index) != index:
+                raise ValueError(f"swap group: {word!r} is in two classes")
+    return classes
+
+
+def swap_words(caption: str, classes: dict[str, int], rng: random.Random | None = None) -> str | None:
+    """The caption with two of its words of different classes (`word_classes`) exchanged, keeping
+    capitalisation, or None when it has no two such words. With more than two, `rng` picks the pair (the first
+    two without it): "a blue triangle beneath a green cross" -> "a green triangle beneath a blue cross"."""
+    found = [m for m in _WORD.finditer(caption) if m.group().lower() in classes]
+    pairs = [(a, b) for i, a in enumerate(found) for b in found[i + 1:]
+             if classes[a.group().lower()] != classes[b.group().lower()]]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.random() * len(pairs))] if rng is not None else pairs[0]
+
+    def cased(word: str, like: str) -> str:
+        return word.capitalize() if like[0].isupper() else word.lower()
+
+    first, second = cased(b.group(), a.group()), cased(a.group(), b.group())
+    return caption[: a.start()] + first + caption[a.end(): b.start()] + second + caption[b.end():]
+
+
+def swap_negative(caption: str, groups: Sequence[dict[str, int]], rng: random.Random) -> str | None:
+    """A hard negative that binds attributes to the wrong objects: two words of one group (`word_classes`,
+    e.g. colours) exchanged, the group drawn among those the caption has two different words of; None when it
+    has none. "a blue triangle beneath a green cross" -> "a green triangle beneath a blue cross" (colours) or
+    "a blue cross beneath a green triangle" (shapes).
+
+    Contrastive batches almost never hold such a pair, so a CLIP trained on them alone encodes a caption as a
+    bag of words (NegCLIP's swap negatives, Yuksekgonul et al. 2023, sec. 4) and its image embedding cannot
+    say which object has which colour: the decoder conditioned on it cannot either.
+    """
+    options = [swapped for classes in groups if (swapped := swap_words(caption, classes, rng)) is not None]
+    return options[int(rng.random() * len(options))] if options else None
