@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,12 +38,12 @@ class ClipSystem(StageSystem):
         spatial_negatives: add a hard-negative term: each caption that names a direction gets a copy with its
             directions mirrored (unclip.data.text.spatial_negative), and the image must prefer its caption
             over that copy, a 2-way softmax at the CLIP temperature (train/negative_loss).
-        swap_negatives: word groups (each a list of classes, synonyms joined by "|", e.g. the colours, the
-            shape names) for a second kind of hard negative in the same term: a caption with two words of
-            different classes of one group exchanged ("a blue triangle beneath a green cross" -> "a green
-            triangle beneath a blue cross"; unclip.data.text.swap_negative), so the CLIP must bind attributes
-            to objects rather than encode a bag of words. Validation then reports val/swap_accuracy: how often
-            an image prefers its caption over such a swap.
+        swap_negatives: named word groups ({"colour": [red, green, ...], "shape": [circle|disk, square, ...]};
+            each entry a class, synonyms joined by "|") for a second kind of hard negative in the same term: a
+            caption with two words of different classes of one group exchanged ("a blue triangle beneath a
+            green cross" -> "a green triangle beneath a blue cross"; unclip.data.text.swap_negative), so the
+            CLIP must bind attributes to objects rather than encode a bag of words. Validation reports
+            val/swap_<name> per group: how often an image prefers its caption over that swap.
         negative_weight: the weight of that term.
         mirror_twins: fraction (at most 1/2) of each training batch replaced by mirrored twins of the rest: an
             image flipped on an axis its caption names a direction on, with the caption's direction words
@@ -67,7 +67,7 @@ class ClipSystem(StageSystem):
         max_logit_scale: float = 100.0,
         spatial_negatives: bool = False,
         negative_weight: float = 1.0,
-        swap_negatives: Sequence[Sequence[str]] = (),
+        swap_negatives: Mapping[str, Sequence[str]] | None = None,
         mirror_twins: float = 0.0,
         mirror_axes: tuple[str, ...] = ("horizontal",),
         no_vertical_words: tuple[str, ...] = (),
@@ -88,7 +88,7 @@ class ClipSystem(StageSystem):
         self.negative_weight = negative_weight
         from unclip.data.text import word_classes
 
-        self.swap_groups = [word_classes(group) for group in plain(swap_negatives) or ()]
+        self.swap_groups = {name: word_classes(group) for name, group in (plain(swap_negatives) or {}).items()}
         mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
         if not 0.0 <= mirror_twins <= 0.5:
             raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
@@ -180,7 +180,7 @@ class ClipSystem(StageSystem):
 
         negatives = [spatial_negative(caption, rng)] if self.spatial_negatives else []
         if self.swap_groups:
-            negatives.append(swap_negative(caption, self.swap_groups, rng))
+            negatives.append(swap_negative(caption, list(self.swap_groups.values()), rng))
         return [n for n in negatives if n is not None]
 
     def negative_loss(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
@@ -204,7 +204,8 @@ class ClipSystem(StageSystem):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {"image": [], "text": [], "captions": [], "metas": [], "swap": []}
+        self._val = {"image": [], "text": [], "captions": [], "metas": []}
+        self._val.update({f"swap_{name}": [] for name in self.swap_groups})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image_f, text_f, scale = self.features(batch)
@@ -213,8 +214,8 @@ class ClipSystem(StageSystem):
         self._val["text"].append(text_f.float())
         self._val["captions"].extend(batch["caption"])
         self._val["metas"].extend(batch.get("meta") or [{}] * image_f.shape[0])
-        if self.swap_groups:
-            self._val["swap"].append(self.swap_preferences(batch["caption"], image_f, text_f, batch_idx))
+        for name, classes in self.swap_groups.items():
+            self._val[f"swap_{name}"].append(self.swap_preferences(batch["caption"], image_f, text_f, classes))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("image"):
@@ -229,21 +230,22 @@ class ClipSystem(StageSystem):
             from unclip.eval.zero_shot import shapes_zero_shot
 
             metrics.update(shapes_zero_shot(self.encoder, image, metas))
-        preferences = torch.cat(self._val["swap"]) if self._val["swap"] else None
-        if preferences is not None and preferences.numel():
-            metrics["swap_accuracy"] = preferences.float().mean().item()
+        for name in self.swap_groups:
+            preferences = torch.cat(self._val[f"swap_{name}"])
+            if preferences.numel():
+                metrics[f"swap_{name}"] = preferences.float().mean().item()
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val = {}
 
     @torch.no_grad()
     def swap_preferences(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
-                         seed: int) -> torch.Tensor:
-        """(M,) bool: whether each image prefers its caption over its attribute swap (`swap_negative`, drawn
-        with a fixed seed), for the M captions that have one. image_f, text_f: (B, D) unit features."""
-        from unclip.data.text import swap_negative
+                         classes: dict[str, int]) -> torch.Tensor:
+        """(M,) bool: whether each image prefers its caption over the caption with its first two words of
+        different `classes` exchanged (`swap_words`), for the M captions that have two. image_f, text_f: (B, D)
+        unit features."""
+        from unclip.data.text import swap_words
 
-        rng = random.Random(seed)
-        negatives = [swap_negative(c, self.swap_groups, rng) for c in captions]
+        negatives = [swap_words(c, classes) for c in captions]
         rows = [i for i, n in enumerate(negatives) if n is not None]
         if not rows:
             return torch.zeros(0, dtype=torch.bool)
