@@ -314,6 +314,40 @@ def test_hard_negative_term_is_logged_and_trains(tmp_path, data_dir, override):
     assert (len(swap) == 1 and 0.0 <= swap[0] <= 1.0) if "swap" in override else not swap
 
 
+def test_binding_test_scores_a_bag_of_words_clip_zero_and_an_order_aware_one_one():
+    """shapes_binding: with a text encoder that sums word vectors, a caption and its swap embed identically
+    (0: ties are failures); with one that sees word order and images at their caption's embedding, 1."""
+    import re
+
+    from unclip.eval.zero_shot import shapes_binding
+
+    words: dict[str, torch.Tensor] = {}
+
+    def word(w: str) -> torch.Tensor:
+        return words.setdefault(w, torch.randn(16, generator=torch.Generator().manual_seed(len(words))))
+
+    def bag(captions):
+        return {"text_embed": torch.stack([sum(word(w) for w in sorted(re.findall("[a-z]+", c.lower())))
+                                           for c in captions])}
+
+    def ordered(captions):
+        return {"text_embed": torch.stack([sum((i + 1) * word(w) for i, w in enumerate(re.findall("[a-z]+", c.lower())))
+                                           for c in captions])}
+
+    captions = [make_sample(0, "val", i, image_size=16)[1] for i in range(60)]
+    for encoder, expected in ((bag, 0.0), (ordered, 1.0)):
+        out = shapes_binding(type("E", (), {"encode_text": staticmethod(encoder)}), ordered(captions)["text_embed"],
+                             captions)
+        assert out["swap_colour"] == expected and out["swap_shape"] == expected and out["swap_colour_n"] >= 10, out
+
+
+def test_the_study_clip_swaps_the_shapes_vocabulary(compose_cfg, tmp_path):
+    from unclip.data.shapes import SWAP_GROUPS
+
+    cfg = compose_cfg("train", ["experiment=study_clip"], tmp_path)
+    assert {k: list(v) for k, v in cfg.model.swap_negatives.items()} == SWAP_GROUPS
+
+
 def test_swap_preferences_read_which_caption_the_image_is_closer_to():
     """An image feature equal to its caption's prefers it to the swap; one equal to the swap's does not."""
     system = ClipSystem.__new__(ClipSystem)

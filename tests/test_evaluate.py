@@ -35,7 +35,7 @@ def test_evaluate_writes_a_report_for_each_stage(stage, tiny_checkpoints, compos
     assert (tmp_path / "eval.md").is_file() and result["stage"] == stage
     metrics = report["metrics"]
     expected = {
-        "clip": {"t2i_r1", "i2t_r5", "zeroshot_colour"},
+        "clip": {"t2i_r1", "i2t_r5", "zeroshot_colour", "swap_colour"},
         "prior": {"prior_cosine", "text_cosine", "unrelated_cosine", "prior_retrieval_top1"},
         "decoder": {"clip_score", "fd_clip", "recon_clip_cosine", "shapes_indist_colour"},  # 32 px: no shape
         "upsampler": {"psnr", "psnr_bicubic", "psnr_gain_db", "shapes_indist_all"},

@@ -183,9 +183,10 @@ def _eval_clip(cfg: DictConfig, device: torch.device):
     for name, (q, k) in {"t2i": (text, image), "i2t": (image, text)}.items():
         metrics.update({f"{name}_r{kk}": v for kk, v in grouped_recall(q, k, captions, (1, 5), 100).items()})
     if metas and all("attributes" in m for m in metas):
-        from unclip.eval.zero_shot import shapes_zero_shot
+        from unclip.eval.zero_shot import shapes_binding, shapes_zero_shot
 
         metrics.update(shapes_zero_shot(clip, image, metas))
+        metrics.update(shapes_binding(clip, image, captions))
     return metrics, {"num_samples": len(captions), "clip": _identity(clip)}, None
 
 

@@ -83,6 +83,13 @@ SIZE_WORDS = {
 }
 SHAPE_WORDS = {s: (s,) for s in SHAPES} | {"circle": ("circle", "disk"), "diamond": ("diamond", "rhombus")}
 BACKGROUND_WORDS = {"white": ("white",), "gray": ("gray", "grey"), "black": ("black",)}
+# The words two objects of one caption can exchange (unclip.data.text.swap_words: one class per entry, synonyms
+# joined by "|"; "medium-sized" swaps as "medium"): CLIP's swap negatives and the binding test of eval.zero_shot.
+SWAP_GROUPS: dict[str, list[str]] = {
+    "colour": list(COLOURS),
+    "shape": ["|".join(SHAPE_WORDS[s]) for s in SHAPES],
+    "size": ["|".join(dict.fromkeys(w.split("-")[0] for w in words)) for words in SIZE_WORDS.values()],
+}
 RELATION_WORDS = {
     "left of": ("to the left of", "left of", "on the left of"),
     "right of": ("to the right of", "right of", "on the right of"),

@@ -9,7 +9,9 @@ classified by its marginal under the CLIP's caption distribution: with s_k = log
 (a prompt ensemble in the sense of CLIP, Radford et al. 2021, section 3.1.4, summed in probability rather than
 averaged in embedding space, so the other attributes are marginalised out rather than blurred together).
 `zeroshot_all` counts images whose four attributes are all right. Two-object scenes are left out (a colour
-would be ambiguous there).
+would be ambiguous there); `shapes_binding` tests them instead: does the image prefer its caption over the same
+caption with the two objects' colours (shapes, sizes) exchanged? A bag-of-words CLIP scores 0.5 there
+(Yuksekgonul et al. 2023, the attribution test of their ARO benchmark).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from unclip.data.shapes import POSITIONS, SIZES, canonical_caption
+from unclip.data.shapes import POSITIONS, SIZES, SWAP_GROUPS, canonical_caption
 from unclip.data.shapes_render import COLOURS, SHAPES
 
-__all__ = ["ATTRIBUTE_VALUES", "PROMPT_ATTRIBUTES", "PROMPTS", "shapes_zero_shot"]
+__all__ = ["ATTRIBUTE_VALUES", "PROMPT_ATTRIBUTES", "PROMPTS", "shapes_binding", "shapes_zero_shot"]
 
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": tuple(SHAPES), "position": tuple(POSITIONS),
@@ -72,4 +74,28 @@ def shapes_zero_shot(encoder: Any, image_embed: torch.Tensor, metas: Sequence[di
         out[f"zeroshot_{attribute}"] = right.float().mean().item()
         all_right &= right
     out["zeroshot_all"] = all_right.float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """`swap_<group>`: the fraction of images (N, D) preferring their caption over it with two words of one
+    `SWAP_GROUPS` group exchanged (`swap_words`), over the captions that have two (two-object scenes whose
+    objects differ there); `swap_<group>_n` counts them. encoder: has encode_text(list[str]) ->
+    {"text_embed": (K, D)}."""
+    from unclip.data.text import swap_words, word_classes
+
+    images = F.normalize(image_embed.float(), dim=-1)
+    out: dict[str, float] = {}
+    for name, group in SWAP_GROUPS.items():
+        classes = word_classes(group)
+        pairs = [(i, n) for i, c in enumerate(captions) if (n := swap_words(c, classes)) is not None]
+        if not pairs:
+            continue
+        rows = torch.tensor([i for i, _ in pairs], device=images.device)
+        own = F.normalize(encoder.encode_text([captions[i] for i, _ in pairs])["text_embed"].float(), dim=-1)
+        swapped = F.normalize(encoder.encode_text([n for _, n in pairs])["text_embed"].float(), dim=-1)
+        picked = images.index_select(0, rows)
+        out[f"swap_{name}"] = ((picked * own).sum(-1) > (picked * swapped).sum(-1)).float().mean().item()
+        out[f"swap_{name}_n"] = float(len(pairs))
     return out
