@@ -296,6 +296,29 @@ def test_swap_negatives_exchange_attributes_between_objects():
     assert kinds["colour"] > 30 and kinds["shape"] > 30  # both groups are drawn
 
 
+def test_swap_negatives_never_bring_in_an_excluded_phrase():
+    import random
+
+    from unclip.data.shapes import HELDOUT_PHRASES
+    from unclip.data.text import swap_negative, word_classes
+
+    groups = [word_classes(g) for g in SWAP_GROUPS.values()]
+    assert swap_negative("a red circle above a blue square", groups[:1], random.Random(0)) == \
+        "a blue circle above a red square"
+    assert swap_negative("a red circle above a blue square", groups[:1], random.Random(0), HELDOUT_PHRASES) is None
+    # a held-out caption may lose its pair: "a blue cross left of a red star" -> "a red cross left of a blue star"
+    kept = swap_negative("a blue cross left of a red star", groups[:1], random.Random(0), HELDOUT_PHRASES)
+    assert kept == "a red cross left of a blue star"
+    rng, made = random.Random(1), 0
+    for i in range(400):
+        caption = make_sample(0, "train", i, image_size=16)[1]
+        negative = swap_negative(caption, groups, rng, HELDOUT_PHRASES)
+        if negative is not None:
+            made += 1
+            assert not any(p in negative.lower() for p in HELDOUT_PHRASES), negative
+    assert made > 100
+
+
 @pytest.mark.parametrize("override", ["model.spatial_negatives=true",
                                       "model.swap_negatives={colour:[red,green,blue,yellow,purple,cyan,orange,pink]}"])
 def test_hard_negative_term_is_logged_and_trains(tmp_path, data_dir, override):
@@ -342,10 +365,11 @@ def test_binding_test_scores_a_bag_of_words_clip_zero_and_an_order_aware_one_one
 
 
 def test_the_study_clip_swaps_the_shapes_vocabulary(compose_cfg, tmp_path):
-    from unclip.data.shapes import SWAP_GROUPS
+    from unclip.data.shapes import HELDOUT_PHRASES, SWAP_GROUPS
 
     cfg = compose_cfg("train", ["experiment=study_clip"], tmp_path)
     assert {k: list(v) for k, v in cfg.model.swap_negatives.items()} == SWAP_GROUPS
+    assert list(cfg.model.swap_exclude) == HELDOUT_PHRASES
 
 
 def test_swap_preferences_read_which_caption_the_image_is_closer_to():

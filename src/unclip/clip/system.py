@@ -44,6 +44,8 @@ class ClipSystem(StageSystem):
             green cross" -> "a green triangle beneath a blue cross"; unclip.data.text.swap_negative), so the
             CLIP must bind attributes to objects rather than encode a bag of words. Validation reports
             val/swap_<name> per group: how often an image prefers its caption over that swap.
+        swap_exclude: phrases a swap negative must not bring in (e.g. held-out colour-shape pairs: met only as
+            negatives, they would be learned as wrong before they are ever evaluated).
         negative_weight: the weight of that term.
         mirror_twins: fraction (at most 1/2) of each training batch replaced by mirrored twins of the rest: an
             image flipped on an axis its caption names a direction on, with the caption's direction words
@@ -68,6 +70,7 @@ class ClipSystem(StageSystem):
         spatial_negatives: bool = False,
         negative_weight: float = 1.0,
         swap_negatives: Mapping[str, Sequence[str]] | None = None,
+        swap_exclude: Sequence[str] = (),
         mirror_twins: float = 0.0,
         mirror_axes: tuple[str, ...] = ("horizontal",),
         no_vertical_words: tuple[str, ...] = (),
@@ -89,6 +92,7 @@ class ClipSystem(StageSystem):
         from unclip.data.text import word_classes
 
         self.swap_groups = {name: word_classes(group) for name, group in (plain(swap_negatives) or {}).items()}
+        self.swap_exclude = [str(p) for p in plain(swap_exclude) or ()]
         mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
         if not 0.0 <= mirror_twins <= 0.5:
             raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
@@ -180,7 +184,7 @@ class ClipSystem(StageSystem):
 
         negatives = [spatial_negative(caption, rng)] if self.spatial_negatives else []
         if self.swap_groups:
-            negatives.append(swap_negative(caption, list(self.swap_groups.values()), rng))
+            negatives.append(swap_negative(caption, list(self.swap_groups.values()), rng, self.swap_exclude))
         return [n for n in negatives if n is not None]
 
     def negative_loss(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,

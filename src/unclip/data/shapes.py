@@ -90,6 +90,8 @@ SWAP_GROUPS: dict[str, list[str]] = {
     "shape": ["|".join(SHAPE_WORDS[s]) for s in SHAPES],
     "size": ["|".join(dict.fromkeys(w.split("-")[0] for w in words)) for words in SIZE_WORDS.values()],
 }
+# The held-out colour-shape pairs as caption phrases: no swap negative may bring one in (the split stays unseen).
+HELDOUT_PHRASES: list[str] = [f"{c} {w}" for c, s in HELDOUT_PAIRS for w in SHAPE_WORDS[s]]
 RELATION_WORDS = {
     "left of": ("to the left of", "left of", "on the left of"),
     "right of": ("to the right of", "right of", "on the right of"),

@@ -131,15 +131,27 @@ def swap_words(caption: str, classes: dict[str, int], rng: random.Random | None 
     return caption[: a.start()] + first + caption[a.end(): b.start()] + second + caption[b.end():]
 
 
-def swap_negative(caption: str, groups: Sequence[dict[str, int]], rng: random.Random) -> str | None:
+def swap_negative(caption: str, groups: Sequence[dict[str, int]], rng: random.Random,
+                  exclude: Sequence[str] = ()) -> str | None:
     """A hard negative that binds attributes to the wrong objects: two words of one group (`word_classes`,
     e.g. colours) exchanged, the group drawn among those the caption has two different words of; None when it
     has none. "a blue triangle beneath a green cross" -> "a green triangle beneath a blue cross" (colours) or
-    "a blue cross beneath a green triangle" (shapes).
+    "a blue cross beneath a green triangle" (shapes). A swap that would bring in a phrase of `exclude` (word
+    sequences, e.g. held-out colour-shape pairs, which must stay unseen: met only as negatives, they would be
+    learned as wrong) is not made.
 
     Contrastive batches almost never hold such a pair, so a CLIP trained on them alone encodes a caption as a
     bag of words (NegCLIP's swap negatives, Yuksekgonul et al. 2023, sec. 4) and its image embedding cannot
     say which object has which colour: the decoder conditioned on it cannot either.
     """
     options = [swapped for classes in groups if (swapped := swap_words(caption, classes, rng)) is not None]
+    if exclude:
+        before = _phrases_in(caption, exclude)
+        options = [o for o in options if _phrases_in(o, exclude) <= before]
     return options[int(rng.random() * len(options))] if options else None
+
+
+def _phrases_in(caption: str, phrases: Sequence[str]) -> set[str]:
+    """The phrases (word sequences, case-insensitive) that occur in the caption as whole words."""
+    words = " " + " ".join(m.group().lower() for m in _WORD.finditer(caption)) + " "
+    return {p for p in phrases if " " + " ".join(_WORD.findall(p.lower())) + " " in words}
