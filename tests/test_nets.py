@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unclip.nets import PriorTransformer, UNet
 from unclip.nets.layers import group_norm, init_config
@@ -405,6 +406,34 @@ def test_image_embed_map_starts_at_zero_and_draws_the_embedding_where_it_says():
         UNet(**TINY_DECODER, patch_size=2, image_embed_map=5)
     with pytest.raises(ValueError, match="training size"):
         run_unet(mapped, decoder_inputs(size=16))
+
+
+def test_image_embed_map_with_a_hidden_layer_starts_at_zero_and_draws_what_a_linear_map_cannot():
+    """image_embed_map_hidden: zero at init (the same net as without the map); its map fits an XOR of two
+    embedding directions (colour A at a place when the embedding says "A there and B elsewhere", as two objects
+    need), which one linear layer cannot (its best fit is the mean)."""
+    plain = perturb(UNet(**TINY_DECODER, patch_size=2)).eval()
+    mapped = UNet(**TINY_DECODER, patch_size=2, image_embed_map=8, image_embed_map_hidden=32).eval()
+    mapped.load_state_dict({**plain.state_dict(), **{k: v for k, v in mapped.state_dict().items()
+                                                     if k.startswith("image_embed_map")}})
+    inputs = decoder_inputs()
+    torch.testing.assert_close(run_unet(mapped, inputs), run_unet(plain, inputs))
+    torch.manual_seed(0)
+    d = TINY_DECODER["image_embed_dim"]
+    a, b = F.normalize(torch.randn(2, d), dim=-1)
+    signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    embeds = signs[:, :1] * a + signs[:, 1:] * b  # (4, D)
+    target = (signs[:, 0] * signs[:, 1])[:, None]  # (4, 1): +1 when the two agree
+    errors = {}
+    for name, hidden in (("linear", 0), ("hidden", 32)):
+        net = UNet(**TINY_DECODER, patch_size=2, image_embed_map=8, image_embed_map_hidden=hidden)
+        opt = torch.optim.Adam(net.image_embed_map.parameters(), lr=1e-2)
+        for _ in range(300):
+            out = net.image_embed_map(embeds)  # (4, channels * 8 * 8)
+            loss = (out - target).square().mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+        errors[name] = loss.item()
+    assert errors["linear"] > 0.9 and errors["hidden"] < 0.05, errors
 
 
 @pytest.mark.parametrize("index", range(6))

@@ -188,6 +188,7 @@ class UNet(nn.Module):
         position_embedding: bool = False,
         patch_size: int = 1,
         image_embed_map: int = 0,
+        image_embed_map_hidden: int = 0,
         full_res_channels: int = 0,
     ) -> None:
         super().__init__()
@@ -264,8 +265,14 @@ class UNet(nn.Module):
                              f"level's size {feature_size} (image_size / patch_size)")
         self.embed_map_size = image_embed_map
         # zero at init, so the fresh net is the one without it; the gradient still reaches its weights
-        self.image_embed_map = (zero_module(nn.Linear(image_embed_dim, ch * image_embed_map**2))
-                                if image_embed_map else None)
+        # image_embed_map_hidden h > 0: one hidden layer (SiLU) first, so the map can draw what the embedding holds
+        # only jointly (which colour is at which place when there are two objects) and a linear layer cannot
+        out_map = ch * image_embed_map**2
+        self.image_embed_map = None
+        if image_embed_map:
+            self.image_embed_map = (zero_module(nn.Linear(image_embed_dim, out_map)) if not image_embed_map_hidden
+                                    else nn.Sequential(nn.Linear(image_embed_dim, image_embed_map_hidden), nn.SiLU(),
+                                                       zero_module(nn.Linear(image_embed_map_hidden, out_map))))
         self.down = nn.ModuleList()
         skips, res = [ch], feature_size
         for level, mult in enumerate(channel_mult):
