@@ -47,6 +47,19 @@ def test_reads_own_images(batches, size: int) -> None:
         assert scores[f"n_{group}"] == NUM_PER_SPLIT
         assert scores[f"{group}/all"] >= 0.98, (split, size, scores)
         assert {f"{group}/{a}" for a in SCORED} <= set(scores), "every attribute is stated somewhere"
+        assert scores["objects1/all"] >= 0.98 and scores["objects2/all"] >= 0.98
+        assert "objects2/relation" in scores and "objects1/relation" not in scores  # only two objects relate
+
+
+def test_scores_by_number_of_objects_tell_which_scenes_fail(batches) -> None:
+    """Blank two-object scenes: objects2 is all wrong, objects1 untouched, the splits mix both."""
+    images, metas = batches["val"]
+    two = torch.tensor([len(m["attributes"]["objects"]) == 2 for m in metas])
+    blanked = images.clone()
+    blanked[two] = images[two][:, :, :1, :1].expand(-1, -1, *images.shape[-2:])  # each its corner colour
+    scores = ShapesEval()(blanked, metas)
+    assert scores["objects1/all"] >= 0.98 and scores["objects2/count"] == 0.0 and scores["objects2/colour"] == 0.0
+    assert 0.0 < scores["indist/all"] < 0.98
 
 
 def test_reads_images_rendered_at_64px() -> None:

@@ -247,7 +247,8 @@ class ShapesEval:
     shape and all-attribute accuracy only from ``SHAPE_MIN_SIDE`` px, where they are trustworthy. ``metas``:
     per-sample json dicts, their ``attributes``, ``parse_caption`` outputs or captions. Keys of the result:
     ``indist/<attr>`` and ``heldout/<attr>`` for attr in ``SCORED`` (an attribute no caption states, or one
-    not judged at this size, is left out), and ``n_indist``, ``n_heldout``.
+    not judged at this size, is left out), the same over both splits by the number of objects the caption
+    names (``objects1/<attr>``, ``objects2/<attr>``), and ``n_indist``, ``n_heldout``.
     """
 
     def __init__(self) -> None:
@@ -277,10 +278,11 @@ class ShapesEval:
                 result = {k: v for k, v in result.items() if k not in ("shape", "all")}
             group = "heldout" if is_heldout(target) else "indist"
             self.count[group] += 1
+            scene = f"objects{len(target['objects'])}"  # both splits: where one object is drawn and two are not
             for attr, ok in result.items():
-                key = f"{group}/{attr}"
-                self.total[key] = self.total.get(key, 0) + 1
-                self.correct[key] = self.correct.get(key, 0) + int(ok)
+                for key in (f"{group}/{attr}", f"{scene}/{attr}"):
+                    self.total[key] = self.total.get(key, 0) + 1
+                    self.correct[key] = self.correct.get(key, 0) + int(ok)
             results.append(result)
         return results
 
