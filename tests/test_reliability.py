@@ -297,3 +297,37 @@ def test_bad_data_is_skipped_counted_and_trains_at_full_rate(tmp_path, data_dir)
     assert not any(v for k, v in stats["clean"].items() if "skipped_" in k)
     assert float(stats["damaged"]["data/samples_seen"]) == float(stats["clean"]["data/samples_seen"]) == seen
     assert seconds["damaged"] < 2 * seconds["clean"] + 2.0  # both runs share the machine: a loose bound
+
+
+def _keys_on_rank(rank: int, store_path: str, out_path: str) -> None:
+    import json
+
+    import torch.distributed as dist
+    from pytorch_lightning.trainer.states import TrainerStatus
+
+    from unclip.utils.ranks import keys_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    trainer = type("T", (), {"world_size": 2, "global_rank": rank,
+                             "state": type("S", (), {"status": TrainerStatus.RUNNING})()})()
+    metrics = {"shapes_indist_colour": 1.0 + rank, "shapes_objects1_colour": 0.5}
+    if rank == 1:
+        metrics["shapes_indist_relation"] = 0.25  # only this rank's samples stated a relation
+    kept = keys_on_every_rank(trainer, metrics)
+    dist.all_reduce(torch.tensor([len(kept)]))  # the ranks still agree on collectives afterwards
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(kept, f)
+    dist.destroy_process_group()
+
+
+def test_validation_metrics_keep_only_keys_every_rank_has(tmp_path):
+    """Two ranks whose samples state different attributes: both log the same keys (a mismatch killed a CPU
+    DDP decoder run at its first validation), with their own values."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_keys_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "kept")), nprocs=2, join=True)
+    kept = [json.loads((tmp_path / f"kept.{r}").read_text()) for r in range(2)]
+    assert kept[0] == {"shapes_indist_colour": 1.0, "shapes_objects1_colour": 0.5}
+    assert kept[1] == {"shapes_indist_colour": 2.0, "shapes_objects1_colour": 0.5}

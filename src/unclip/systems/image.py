@@ -33,6 +33,7 @@ from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsample
 from unclip.nets.unet import resize_lowres
 from unclip.systems.base import StageSystem, net_for_clip, plain
 from unclip.utils.images import grid, save_png
+from unclip.utils.ranks import keys_on_every_rank
 
 __all__ = ["DecoderSystem", "UpsamplerSystem", "psnr"]
 
@@ -129,6 +130,7 @@ class ImageStageSystem(StageSystem):
         if result is None:
             return
         rows, metrics = result
+        metrics = keys_on_every_rank(self.trainer, metrics)  # each rank scored its own samples' captions
         if metrics:
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         if self.trainer.is_global_zero:

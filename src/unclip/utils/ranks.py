@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from pytorch_lightning.trainer.states import TrainerStatus
 
-__all__ = ["gather_per_rank"]
+__all__ = ["gather_per_rank", "keys_on_every_rank"]
 
 
 def gather_per_rank(trainer: Any, obj: Any) -> list[Any]:
@@ -26,3 +26,14 @@ def gather_per_rank(trainer: Any, obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def keys_on_every_rank(trainer: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `metrics` whose key every rank has (one `all_gather_object`; every rank must call it).
+
+    Metrics logged with `sync_dist=True` are averaged by one collective per key, in key order: if the ranks'
+    key sets differ (each scored its own samples, and only some stated a relation), the collectives mismatch
+    and the run dies. Keys that some rank lacks are left out on all of them.
+    """
+    keys = [k for k in gather_per_rank(trainer, sorted(metrics)) if k is not None]
+    return {k: v for k, v in metrics.items() if all(k in rank_keys for rank_keys in keys)}
