@@ -277,8 +277,10 @@ def test_swap_negatives_exchange_attributes_between_objects():
     assert swap_words("a red circle in the center", colours) is None
     with pytest.raises(ValueError, match="two classes"):
         word_classes(["red|blue", "blue"])
-    with pytest.raises(ValueError, match="letters-only"):
-        word_classes(["mid-sized"])
+    with pytest.raises(ValueError, match="inner hyphens"):
+        word_classes(["mid sized"])
+    assert swap_words("A medium-sized red star over a big cyan disk", word_classes(["small", "medium-sized", "big"])) \
+        == "A big red star over a medium-sized cyan disk"
     rng, kinds = random.Random(0), {"colour": 0, "shape": 0}
     for i in range(300):
         _, caption, _ = make_sample(0, "train", i, image_size=16)
@@ -364,12 +366,24 @@ def test_binding_test_scores_a_bag_of_words_clip_zero_and_an_order_aware_one_one
         assert out["swap_colour"] == expected and out["swap_shape"] == expected and out["swap_colour_n"] >= 10, out
 
 
-def test_the_study_clip_swaps_the_shapes_vocabulary(compose_cfg, tmp_path):
-    from unclip.data.shapes import HELDOUT_PHRASES, SWAP_GROUPS
+def test_shapes_swap_groups_cover_the_caption_vocabulary():
+    """Every colour, shape and size word the generator writes is in its SWAP_GROUPS class, synonyms together."""
+    from unclip.data.shapes import HELDOUT_PHRASES, SIZE_WORDS, SWAP_GROUPS, parse_caption
+    from unclip.data.text import swap_words, word_classes
 
-    cfg = compose_cfg("train", ["experiment=study_clip"], tmp_path)
-    assert {k: list(v) for k, v in cfg.model.swap_negatives.items()} == SWAP_GROUPS
-    assert list(cfg.model.swap_exclude) == HELDOUT_PHRASES
+    classes = {name: word_classes(group) for name, group in SWAP_GROUPS.items()}
+    assert classes["size"]["tiny"] == classes["size"]["small"] != classes["size"]["big"]
+    assert classes["shape"]["disk"] == classes["shape"]["circle"] and len(SIZE_WORDS) == 3
+    assert len(HELDOUT_PHRASES) == 8 and "blue cross" in HELDOUT_PHRASES
+    swapped = {"size": 0}
+    for i in range(300):
+        caption = make_sample(2, "train", i, image_size=16)[1]
+        objects = parse_caption(caption)["objects"]
+        if len(objects) == 2 and "size" in objects[0] and objects[0]["size"] != objects[1]["size"]:
+            negative = parse_caption(swap_words(caption, classes["size"]))["objects"]
+            assert [o["size"] for o in negative] == [objects[1]["size"], objects[0]["size"]], caption
+            swapped["size"] += 1
+    assert swapped["size"] > 10
 
 
 def test_swap_preferences_read_which_caption_the_image_is_closer_to():

@@ -84,11 +84,11 @@ SIZE_WORDS = {
 SHAPE_WORDS = {s: (s,) for s in SHAPES} | {"circle": ("circle", "disk"), "diamond": ("diamond", "rhombus")}
 BACKGROUND_WORDS = {"white": ("white",), "gray": ("gray", "grey"), "black": ("black",)}
 # The words two objects of one caption can exchange (unclip.data.text.swap_words: one class per entry, synonyms
-# joined by "|"; "medium-sized" swaps as "medium"): CLIP's swap negatives and the binding test of eval.zero_shot.
+# joined by "|"): CLIP's swap negatives (model.swap_negatives) and the binding test of eval.zero_shot.
 SWAP_GROUPS: dict[str, list[str]] = {
     "colour": list(COLOURS),
     "shape": ["|".join(SHAPE_WORDS[s]) for s in SHAPES],
-    "size": ["|".join(dict.fromkeys(w.split("-")[0] for w in words)) for words in SIZE_WORDS.values()],
+    "size": ["|".join(SIZE_WORDS[s]) for s in SIZES],
 }
 # The held-out colour-shape pairs as caption phrases: no swap negative may bring one in (the split stays unseen).
 HELDOUT_PHRASES: list[str] = [f"{c} {w}" for c, s in HELDOUT_PAIRS for w in SHAPE_WORDS[s]]

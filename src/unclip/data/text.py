@@ -61,6 +61,7 @@ SPATIAL_OPPOSITES: dict[str, dict[str, str]] = {
     "horizontal": {"left": "right", "right": "left"},
 }
 _WORD = re.compile(r"[A-Za-z]+")
+_SWAP_WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")  # "medium-sized" is one word to swap
 
 
 def spatial_axes(caption: str) -> list[str]:
@@ -102,12 +103,12 @@ def spatial_negative(caption: str, rng: random.Random) -> str | None:
 
 def word_classes(group: Sequence[str]) -> dict[str, int]:
     """A swap group's words -> the index of their class. Each entry of `group` is one class, its synonyms
-    joined by "|" ("circle|disk"): two words of one class are never swapped for each other."""
+    joined by "|" ("circle|disk", "medium|medium-sized"): two words of one class are never swapped for each other."""
     classes: dict[str, int] = {}
     for index, entry in enumerate(group):
         for word in str(entry).lower().split("|"):
-            if not word or not _WORD.fullmatch(word):
-                raise ValueError(f"swap group entry {entry!r}: expected letters-only words joined by '|'")
+            if not word or not _SWAP_WORD.fullmatch(word):
+                raise ValueError(f"swap group entry {entry!r}: expected words (letters, inner hyphens) joined by '|'")
             if classes.setdefault(word, index) != index:
                 raise ValueError(f"swap group: {word!r} is in two classes")
     return classes
@@ -117,7 +118,7 @@ def swap_words(caption: str, classes: dict[str, int], rng: random.Random | None 
     """The caption with two of its words of different classes (`word_classes`) exchanged, keeping
     capitalisation, or None when it has no two such words. With more than two, `rng` picks the pair (the first
     two without it): "a blue triangle beneath a green cross" -> "a green triangle beneath a blue cross"."""
-    found = [m for m in _WORD.finditer(caption) if m.group().lower() in classes]
+    found = [m for m in _SWAP_WORD.finditer(caption) if m.group().lower() in classes]
     pairs = [(a, b) for i, a in enumerate(found) for b in found[i + 1:]
              if classes[a.group().lower()] != classes[b.group().lower()]]
     if not pairs:
