@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from unclip.clip.encoder import ClipEncoder
 from unclip.eval.retrieval import grouped_recall
 from unclip.systems.base import StageSystem, plain
+from unclip.utils.ranks import keys_on_every_rank
 
 __all__ = ["ClipSystem"]
 
@@ -209,7 +210,6 @@ class ClipSystem(StageSystem):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val = {"image": [], "text": [], "captions": [], "metas": []}
-        self._val.update({f"swap_{name}": [] for name in self.swap_groups})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image_f, text_f, scale = self.features(batch)
@@ -218,8 +218,6 @@ class ClipSystem(StageSystem):
         self._val["text"].append(text_f.float())
         self._val["captions"].extend(batch["caption"])
         self._val["metas"].extend(batch.get("meta") or [{}] * image_f.shape[0])
-        for name, classes in self.swap_groups.items():
-            self._val[f"swap_{name}"].append(self.swap_preferences(batch["caption"], image_f, text_f, classes))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("image"):
@@ -234,31 +232,16 @@ class ClipSystem(StageSystem):
             from unclip.eval.zero_shot import shapes_zero_shot
 
             metrics.update(shapes_zero_shot(self.encoder, image, metas))
-        for name in self.swap_groups:
-            preferences = torch.cat(self._val[f"swap_{name}"])
-            if preferences.numel():
-                metrics[f"swap_{name}"] = preferences.float().mean().item()
+        if self.swap_groups:
+            from unclip.eval.zero_shot import swap_binding
+
+            binding = swap_binding(self.encoder, image, captions, self.swap_groups)
+            metrics.update({k: v for k, v in binding.items() if not k.endswith("_n")})
+        # each rank scored its own images: average only what every rank has (a rank without two-object captions
+        # has no swap test), or the ranks' collectives mismatch
+        metrics = keys_on_every_rank(self.trainer, metrics)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self._val = {}
-
-    @torch.no_grad()
-    def swap_preferences(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,
-                         classes: dict[str, int]) -> torch.Tensor:
-        """(M,) bool: whether each image prefers its caption over the caption with its first two words of
-        different `classes` exchanged (`swap_words`), for the M captions that have two. image_f, text_f: (B, D)
-        unit features."""
-        from unclip.data.text import swap_words
-
-        negatives = [swap_words(c, classes) for c in captions]
-        rows = [i for i, n in enumerate(negatives) if n is not None]
-        if not rows:
-            return torch.zeros(0, dtype=torch.bool)
-        negative_f = self.encoder.model.encode_text(self.encoder.tokenize([negatives[i] for i in rows]).to(self.device),
-                                                    normalize=True)
-        index = torch.tensor(rows, device=image_f.device)
-        images = image_f.index_select(0, index).float()
-        own = (images * text_f.index_select(0, index).float()).sum(-1)
-        return (own > (images * negative_f.float()).sum(-1)).cpu()
 
     def stage_metadata(self) -> dict[str, Any]:
         ident = self.encoder.identity

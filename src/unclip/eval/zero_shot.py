@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from unclip.data.shapes import POSITIONS, SIZES, SWAP_GROUPS, canonical_caption
 from unclip.data.shapes_render import COLOURS, SHAPES
 
-__all__ = ["ATTRIBUTE_VALUES", "PROMPT_ATTRIBUTES", "PROMPTS", "shapes_binding", "shapes_zero_shot"]
+__all__ = ["ATTRIBUTE_VALUES", "PROMPT_ATTRIBUTES", "PROMPTS", "shapes_binding", "shapes_zero_shot", "swap_binding"]
 
 ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": tuple(SHAPES), "position": tuple(POSITIONS),
@@ -78,17 +78,18 @@ def shapes_zero_shot(encoder: Any, image_embed: torch.Tensor, metas: Sequence[di
 
 
 @torch.no_grad()
-def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
-    """`swap_<group>`: the fraction of images (N, D) preferring their caption over it with two words of one
-    `SWAP_GROUPS` group exchanged (`swap_words`), over the captions that have two (two-object scenes whose
-    objects differ there); `swap_<group>_n` counts them. encoder: has encode_text(list[str]) ->
-    {"text_embed": (K, D)}."""
+def swap_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str],
+                 groups: dict[str, Sequence[str] | dict[str, int]]) -> dict[str, float]:
+    """Per group: `swap_<group>`, the fraction of images (N, D) preferring their caption over it with its first
+    two words of different classes of that group exchanged (`swap_words`; a group is a `word_classes` list or
+    its result), over the captions that have two; `swap_<group>_n` counts them. encoder: has
+    encode_text(list[str]) -> {"text_embed": (K, D)}."""
     from unclip.data.text import swap_words, word_classes
 
     images = F.normalize(image_embed.float(), dim=-1)
     out: dict[str, float] = {}
-    for name, group in SWAP_GROUPS.items():
-        classes = word_classes(group)
+    for name, group in groups.items():
+        classes = group if isinstance(group, dict) else word_classes(group)
         pairs = [(i, n) for i, c in enumerate(captions) if (n := swap_words(c, classes)) is not None]
         if not pairs:
             continue
@@ -96,6 +97,12 @@ def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[s
         own = F.normalize(encoder.encode_text([captions[i] for i, _ in pairs])["text_embed"].float(), dim=-1)
         swapped = F.normalize(encoder.encode_text([n for _, n in pairs])["text_embed"].float(), dim=-1)
         picked = images.index_select(0, rows)
-        out[f"swap_{name}"] = ((picked * own).sum(-1) > (picked * swapped).sum(-1)).float().mean().item()
+        out[f"swap_{name}"] = ((picked * own.to(picked.device)).sum(-1)
+                               > (picked * swapped.to(picked.device)).sum(-1)).float().mean().item()
         out[f"swap_{name}_n"] = float(len(pairs))
     return out
+
+
+def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """`swap_binding` over the `shapes` vocabulary (`SWAP_GROUPS`): swap_colour, swap_shape, swap_size."""
+    return swap_binding(encoder, image_embed, captions, SWAP_GROUPS)
