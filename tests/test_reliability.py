@@ -331,3 +331,47 @@ def test_validation_metrics_keep_only_keys_every_rank_has(tmp_path):
     kept = [json.loads((tmp_path / f"kept.{r}").read_text()) for r in range(2)]
     assert kept[0] == {"shapes_indist_colour": 1.0, "shapes_objects1_colour": 0.5}
     assert kept[1] == {"shapes_indist_colour": 2.0, "shapes_objects1_colour": 0.5}
+
+
+def _data_stats_on_rank(rank: int, store_path: str, out_path: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from unclip.callbacks import DataStatsLogger
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    skipped = {"corrupt_image": 2} if rank == 0 else {}  # only rank 0 met a bad sample
+
+    class DataModule:
+        def skipped_counts(self, split=None):
+            return dict(skipped)
+
+        def samples_seen(self, split="train"):
+            return 10 + rank
+
+    trainer = type("T", (), {"world_size": 2, "global_rank": rank, "global_step": 0, "datamodule": DataModule()})()
+    logged = []
+    module = type("M", (), {"log_dict": lambda self, metrics, **kw: logged.append((metrics, kw))})()
+    for _ in range(3):
+        DataStatsLogger(every_n_steps=1).on_train_batch_end(trainer, module, None, None, 0)
+    dist.all_reduce(torch.tensor([1]))  # the ranks' collectives still line up
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(logged, f)
+    dist.destroy_process_group()
+
+
+def test_skip_counts_of_ranks_that_met_different_bad_samples_are_summed_without_breaking_ddp(tmp_path):
+    """One rank skipped a corrupt image, the other nothing: both log the same global totals. Logged with one
+    collective per key, the ranks' collective sequences differed and the run died."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_data_stats_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "logged")), nprocs=2, join=True)
+    for rank in range(2):
+        logged = json.loads((tmp_path / f"logged.{rank}").read_text())
+        assert len(logged) == 3
+        metrics, kw = logged[0]
+        assert metrics == {"data/skipped_corrupt_image": 2.0, "data/samples_seen": 21.0}
+        assert not kw.get("sync_dist")

@@ -294,10 +294,12 @@ class DataStatsLogger(pl.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "skipped_counts") or trainer.global_step % self.every_n_steps:
             return
-        metrics = {f"data/skipped_{k}": float(v) for k, v in dm.skipped_counts("train").items()}
-        metrics["data/samples_seen"] = float(dm.samples_seen())
-        # Counts are per rank: summed over ranks they are the global totals.
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+        # Counts are per rank, and ranks know different reasons (one met a corrupt image, another did not): summed
+        # as objects, not with one collective per key, whose sequences would differ between ranks and break DDP.
+        counts = _summed_over_ranks(trainer, {**dm.skipped_counts("train"), SEEN: dm.samples_seen()})
+        metrics = {f"data/skipped_{k}": float(v) for k, v in sorted(counts.items()) if k != SEEN}
+        metrics["data/samples_seen"] = float(counts[SEEN])
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)  # already global totals
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -307,6 +309,9 @@ class DataStatsLogger(pl.Callback):
         metrics = {"data/val_skipped": float(sum(counts.values()))}
         metrics |= {f"data/val_skipped_{k}": float(v) for k, v in sorted(counts.items())}
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # already global totals
+
+
+SEEN = " samples_seen"  # a key no skip reason can have (reasons are single words)
 
 
 def _summed_over_ranks(trainer: pl.Trainer, counts: dict[str, int]) -> dict[str, int]:

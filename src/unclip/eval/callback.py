@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from unclip.eval.metrics import ImageMetrics
+from unclip.utils.ranks import keys_on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -111,4 +112,6 @@ class GenerationEval(pl.Callback):
             values.update({f"val/shapes_{k.replace('/', '_')}": float(v) for k, v in scores.items()
                            if isinstance(v, (int, float)) and not k.startswith("n_") and v == v})
         values["val/eval_samples"] = float(self._seen * trainer.world_size)
-        pl_module.log_dict(values, sync_dist=True)
+        # each rank judged its own captions (a relation only where two objects were named): average only the
+        # keys every rank has, or the ranks' collectives mismatch
+        pl_module.log_dict(keys_on_every_rank(trainer, values), sync_dist=True)
