@@ -96,7 +96,9 @@ def check_clip_identity(clip: ClipEncoder, stages: Sequence[LoadedStage]) -> Non
         why = clip_mismatch(stage.meta.get("clip"), clip.identity)
         if why:
             raise ValueError(f"CLIP mismatch: the {stage.name} checkpoint {stage.path} was trained with a CLIP whose "
-                             f"{why}; all stages must share one CLIP")
+                             f"{why}; all stages must share one CLIP. If a CLIP checkpoint was moved or overwritten "
+                             "since, pass the one the stages were trained with: pipeline.clip='{_target_: "
+                             "unclip.clip.encoder.ClipEncoder, checkpoint: PATH}' (evaluate.py ckpt=...: clip=...)")
 
 
 class UnCLIPPipeline:
