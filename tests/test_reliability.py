@@ -350,7 +350,10 @@ def _data_stats_on_rank(rank: int, store_path: str, out_path: str) -> None:
         def samples_seen(self, split="train"):
             return 10 + rank
 
-    trainer = type("T", (), {"world_size": 2, "global_rank": rank, "global_step": 0, "datamodule": DataModule()})()
+    from pytorch_lightning.trainer.states import TrainerStatus
+
+    trainer = type("T", (), {"world_size": 2, "global_rank": rank, "global_step": 0, "datamodule": DataModule(),
+                             "state": type("S", (), {"status": TrainerStatus.RUNNING})()})()
     logged = []
     module = type("M", (), {"log_dict": lambda self, metrics, **kw: logged.append((metrics, kw))})()
     for _ in range(3):

@@ -296,9 +296,9 @@ class DataStatsLogger(pl.Callback):
             return
         # Counts are per rank, and ranks know different reasons (one met a corrupt image, another did not): summed
         # as objects, not with one collective per key, whose sequences would differ between ranks and break DDP.
-        counts = _summed_over_ranks(trainer, {**dm.skipped_counts("train"), SEEN: dm.samples_seen()})
-        metrics = {f"data/skipped_{k}": float(v) for k, v in sorted(counts.items()) if k != SEEN}
-        metrics["data/samples_seen"] = float(counts[SEEN])
+        counts = _summed_over_ranks(trainer, {**dm.skipped_counts("train"), _SEEN: dm.samples_seen()})
+        metrics = {f"data/skipped_{k}": float(v) for k, v in sorted(counts.items()) if k != _SEEN}
+        metrics["data/samples_seen"] = float(counts[_SEEN])
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)  # already global totals
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -311,18 +311,13 @@ class DataStatsLogger(pl.Callback):
         pl_module.log_dict(metrics, on_step=False, on_epoch=True)  # already global totals
 
 
-SEEN = " samples_seen"  # a key no skip reason can have (reasons are single words)
+_SEEN = " samples_seen"  # a key no skip reason can have (reasons are single words)
 
 
 def _summed_over_ranks(trainer: pl.Trainer, counts: dict[str, int]) -> dict[str, int]:
-    """Counts by reason summed over ranks (ranks may know different reasons, so gathered as objects; once per
-    validation)."""
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return dict(counts)
-    gathered: list[dict[str, int] | None] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(gathered, dict(counts))
+    """Counts by key summed over ranks (ranks may know different skip reasons, so gathered as objects)."""
     total: dict[str, int] = {}
-    for rank_counts in gathered:
+    for rank_counts in gather_per_rank(trainer, dict(counts)):
         for reason, n in (rank_counts or {}).items():
             total[reason] = total.get(reason, 0) + n
     return total

@@ -79,17 +79,16 @@ def shapes_zero_shot(encoder: Any, image_embed: torch.Tensor, metas: Sequence[di
 
 @torch.no_grad()
 def swap_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str],
-                 groups: dict[str, Sequence[str] | dict[str, int]]) -> dict[str, float]:
-    """Per group: `swap_<group>`, the fraction of images (N, D) preferring their caption over it with its first
-    two words of different classes of that group exchanged (`swap_words`; a group is a `word_classes` list or
-    its result), over the captions that have two; `swap_<group>_n` counts them. encoder: has
-    encode_text(list[str]) -> {"text_embed": (K, D)}."""
-    from unclip.data.text import swap_words, word_classes
+                 groups: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per group (name -> `word_classes`): `swap_<group>`, the fraction of images (N, D) preferring their caption
+    over it with its first two words of different classes of that group exchanged (`swap_words`), over the
+    captions that have two; `swap_<group>_n` counts them. encoder: has encode_text(list[str]) ->
+    {"text_embed": (K, D)}."""
+    from unclip.data.text import swap_words
 
     images = F.normalize(image_embed.float(), dim=-1)
     out: dict[str, float] = {}
-    for name, group in groups.items():
-        classes = group if isinstance(group, dict) else word_classes(group)
+    for name, classes in groups.items():
         pairs = [(i, n) for i, c in enumerate(captions) if (n := swap_words(c, classes)) is not None]
         if not pairs:
             continue
@@ -105,4 +104,6 @@ def swap_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str
 
 def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
     """`swap_binding` over the `shapes` vocabulary (`SWAP_GROUPS`): swap_colour, swap_shape, swap_size."""
-    return swap_binding(encoder, image_embed, captions, SWAP_GROUPS)
+    from unclip.data.text import word_classes
+
+    return swap_binding(encoder, image_embed, captions, {k: word_classes(g) for k, g in SWAP_GROUPS.items()})
