@@ -321,8 +321,38 @@ def test_swap_negatives_never_bring_in_an_excluded_phrase():
     assert made > 100
 
 
+def test_replace_negatives_name_one_attribute_wrongly_and_keep_everything_else():
+    import random
+
+    from unclip.data.shapes import HELDOUT_PHRASES, parse_caption
+    from unclip.data.shapes import SWAP_GROUPS as GROUPS
+    from unclip.data.text import replace_negative, word_classes
+
+    shapes, sizes = word_classes(GROUPS["shape"]), word_classes(GROUPS["size"])
+    rng = random.Random(0)
+    assert replace_negative("a red circle in the center", [sizes], rng) is None  # no size word: nothing to replace
+    seen = {replace_negative("A disk at the top", [shapes], rng) for _ in range(200)}
+    assert seen == {"A square at the top", "A triangle at the top", "A star at the top", "A diamond at the top",
+                    "A cross at the top"}  # every other class, case kept; never the synonym "circle"
+    # "a red star" -> "a red square" would bring in a held-out pair
+    assert all("red square" not in replace_negative("a red star", [shapes], rng, HELDOUT_PHRASES) for _ in range(100))
+    changed = {"shape": 0, "size": 0}
+    for i in range(300):
+        caption = make_sample(0, "train", i, image_size=16)[1]
+        negative = replace_negative(caption, [shapes, sizes], rng, HELDOUT_PHRASES)
+        assert negative is not None and not any(p in negative.lower() for p in set(HELDOUT_PHRASES) - set(
+            p for p in HELDOUT_PHRASES if p in caption.lower())), (caption, negative)
+        a, b = parse_caption(caption), parse_caption(negative)
+        diffs = [(k, x[k], y[k]) for x, y in zip(a["objects"], b["objects"], strict=True) for k in x if x[k] != y[k]]
+        assert len(diffs) == 1 and diffs[0][0] in changed, (caption, negative)  # exactly one attribute, renamed
+        assert b.get("relation") == a.get("relation") and b.get("background") == a.get("background")
+        changed[diffs[0][0]] += 1
+    assert changed["shape"] > 100 and changed["size"] > 10  # both groups are drawn
+
+
 @pytest.mark.parametrize("override", ["model.spatial_negatives=true",
-                                      "model.swap_negatives={colour:[red,green,blue,yellow,purple,cyan,orange,pink]}"])
+                                      "model.swap_negatives={colour:[red,green,blue,yellow,purple,cyan,orange,pink]}",
+                                      'model.replace_negatives={shape:["circle|disk",square,triangle,star,diamond,cross]}'])
 def test_hard_negative_term_is_logged_and_trains(tmp_path, data_dir, override):
     from tests.conftest import train_stage
 

@@ -67,3 +67,16 @@ def test_net_preset_has_the_documented_size(preset):
 def test_every_net_preset_is_documented():
     presets = {p.stem for p in (CONF / "model" / "net").glob("*.yaml")}
     assert presets - {"prior_demo", "decoder_demo", "upsampler_demo", "upsampler_256"} == set(NET_PARAMETERS)
+
+
+def test_cpu_precision_is_bf16_only_where_the_cpu_has_amx(monkeypatch):
+    """The CPU study's decoder trains in bf16 on AMX CPUs and in fp32 elsewhere (emulated bf16 is slower)."""
+    from unclip.config import cpu_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert cpu_precision() == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert cpu_precision() == "32-true"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cpu_precision() == "32-true"
+    assert OmegaConf.create({"p": "${unclip.cpu_precision:}"}).p == "32-true"  # registered as a resolver

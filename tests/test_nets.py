@@ -457,6 +457,34 @@ def test_bf16_autocast_cpu(index):
     out.float().square().mean().backward()
 
 
+def test_attention_under_cpu_bf16_autocast_attends_in_fp32():
+    """On the CPU, bf16 autocast keeps the projections in bf16 but runs SDPA on fp32 copies of q, k, v (its bf16
+    kernels are slower there): the attended values match fp32 SDPA of the same bf16 inputs, not bf16 SDPA."""
+    from unclip.nets.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, heads=2, context_dim=16)
+    x, context = torch.randn(3, 10, 32), torch.randn(3, 5, 16)
+    seen = {}
+    attend = attn.attend
+
+    def spy(q, k, v, mask):
+        seen["qkv"] = (q, k, v)
+        return attend(q, k, v, mask)
+
+    attn.attend = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, context)
+        q, k, v = seen["qkv"]
+        assert q.dtype == torch.bfloat16  # the projections did run in bf16
+    y32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    y16 = F.scaled_dot_product_attention(q, k, v).float()
+    assert not torch.equal(y32, y16)  # the test can tell the two apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = attn.proj(y32.transpose(1, 2).reshape(3, 10, 32))
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("index", range(6))
 def test_dynamo_traces_without_graph_breaks(index):
     """fullgraph=True fails on any graph break; the eager backend checks that in seconds (no codegen)."""

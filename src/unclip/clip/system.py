@@ -45,8 +45,12 @@ class ClipSystem(StageSystem):
             green cross" -> "a green triangle beneath a blue cross"; unclip.data.text.swap_negative), so the
             CLIP must bind attributes to objects rather than encode a bag of words. Validation reports
             val/swap_<name> per group: how often an image prefers its caption over that swap.
-        swap_exclude: phrases a swap negative must not bring in (e.g. held-out colour-shape pairs: met only as
-            negatives, they would be learned as wrong before they are ever evaluated).
+        replace_negatives: named word groups, as swap_negatives, for a third kind in the same term: the caption
+            with one word of a group replaced by another class's ("a small red star" -> "a small red circle";
+            unclip.data.text.replace_negative), so an attribute that is hard to see (a shape a few pixels wide)
+            is asked for at every step instead of waiting for in-batch look-alikes.
+        swap_exclude: phrases a swap or replace negative must not bring in (e.g. held-out colour-shape pairs: met
+            only as negatives, they would be learned as wrong before they are ever evaluated).
         negative_weight: the weight of that term.
         mirror_twins: fraction (at most 1/2) of each training batch replaced by mirrored twins of the rest: an
             image flipped on an axis its caption names a direction on, with the caption's direction words
@@ -72,6 +76,7 @@ class ClipSystem(StageSystem):
         negative_weight: float = 1.0,
         swap_negatives: Mapping[str, Sequence[str]] | None = None,
         swap_exclude: Sequence[str] = (),
+        replace_negatives: Mapping[str, Sequence[str]] | None = None,
         mirror_twins: float = 0.0,
         mirror_axes: tuple[str, ...] = ("horizontal",),
         no_vertical_words: tuple[str, ...] = (),
@@ -94,6 +99,7 @@ class ClipSystem(StageSystem):
 
         self.swap_groups = {name: word_classes(group) for name, group in (plain(swap_negatives) or {}).items()}
         self.swap_exclude = [str(p) for p in plain(swap_exclude) or ()]
+        self.replace_groups = {name: word_classes(group) for name, group in (plain(replace_negatives) or {}).items()}
         mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
         if not 0.0 <= mirror_twins <= 0.5:
             raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
@@ -168,7 +174,7 @@ class ClipSystem(StageSystem):
         image_f, text_f, scale = self.features(batch)
         loss = self.loss_fn(image_f, text_f, scale)
         b = image_f.shape[0]
-        if self.spatial_negatives or self.swap_groups:
+        if self.spatial_negatives or self.swap_groups or self.replace_groups:
             negative = self.negative_loss(batch["caption"], image_f, text_f, scale)
             if negative is not None:
                 self.log("train/negative_loss", negative, batch_size=b)
@@ -179,13 +185,15 @@ class ClipSystem(StageSystem):
         return loss
 
     def hard_negatives(self, caption: str, rng: random.Random) -> list[str]:
-        """The configured hard negatives of one caption: its mirrored copy (spatial_negatives) and an attribute
-        swap (swap_negatives), each where the caption allows one."""
-        from unclip.data.text import spatial_negative, swap_negative
+        """The configured hard negatives of one caption: its mirrored copy (spatial_negatives), an attribute
+        swap (swap_negatives) and an attribute replaced (replace_negatives), each where the caption allows one."""
+        from unclip.data.text import replace_negative, spatial_negative, swap_negative
 
         negatives = [spatial_negative(caption, rng)] if self.spatial_negatives else []
         if self.swap_groups:
             negatives.append(swap_negative(caption, list(self.swap_groups.values()), rng, self.swap_exclude))
+        if self.replace_groups:
+            negatives.append(replace_negative(caption, list(self.replace_groups.values()), rng, self.swap_exclude))
         return [n for n in negatives if n is not None]
 
     def negative_loss(self, captions: list[str], image_f: torch.Tensor, text_f: torch.Tensor,

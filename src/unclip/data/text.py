@@ -152,6 +152,33 @@ def swap_negative(caption: str, groups: Sequence[dict[str, int]], rng: random.Ra
     return options[int(rng.random() * len(options))] if options else None
 
 
+def replace_negative(caption: str, groups: Sequence[dict[str, int]], rng: random.Random,
+                     exclude: Sequence[str] = ()) -> str | None:
+    """A hard negative that names one attribute wrongly: one word of a group (`word_classes`, e.g. shapes)
+    replaced by a word of another class of that group, both drawn by `rng`; None when the caption has no word
+    of any group. "a small red star at the top" -> "a small red circle at the top" (shapes). A replacement that
+    would bring in a phrase of `exclude` (e.g. a held-out colour-shape pair) is not made.
+
+    NegCLIP's replace negatives (Yuksekgonul et al. 2023, sec. 4; SugarCrepe's REPLACE): contrastive batches
+    rarely hold a caption that differs from the positive in one attribute alone, so an attribute that is hard
+    to see (a shape a few pixels wide) is learned last; this term asks for it at every step.
+    """
+    found = [(m, classes) for classes in groups for m in _SWAP_WORD.finditer(caption) if m.group().lower() in classes]
+    options = []
+    for m, classes in found:
+        own = classes[m.group().lower()]
+        names = {c: w for w, c in reversed(list(classes.items()))}  # each class's first word
+        for cls, word in sorted(names.items()):
+            if cls == own:
+                continue
+            word = word.capitalize() if m.group()[0].isupper() else word
+            options.append(caption[: m.start()] + word + caption[m.end():])
+    if exclude:
+        before = _phrases_in(caption, exclude)
+        options = [o for o in options if _phrases_in(o, exclude) <= before]
+    return options[int(rng.random() * len(options))] if options else None
+
+
 def _phrases_in(caption: str, phrases: Sequence[str]) -> set[str]:
     """The phrases (word sequences, case-insensitive) that occur in the caption as whole words."""
     words = " " + " ".join(m.group().lower() for m in _WORD.finditer(caption)) + " "

@@ -133,6 +133,12 @@ class Attention(nn.Module):
         """q (B, heads, T, hs) over k, v (B, heads, S, hs), mask broadcastable to (B, heads, T, S) -> (B, T, C)."""
         B, _, T, hs = q.shape
         dropout_p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, hs)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # CPU SDPA in bf16 is slower than in fp32 (its backward ~3.5x at the demo decoder's shapes, where
+            # the bf16 convolutions and matmuls are 2-4x faster; docs/PERFORMANCE.md): attend in fp32 there.
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.heads * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
