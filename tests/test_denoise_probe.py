@@ -55,3 +55,16 @@ def test_probe_cli_on_a_trained_decoder(tiny_checkpoints, data_dir, tmp_path, ca
               "--t", "1000"])
     with pytest.raises(FileNotFoundError, match="no shards"):
         main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(tmp_path / "none/*.tar")])
+
+
+def test_probe_cli_by_scene_groups_one_object_scenes_by_size(tiny_checkpoints, data_dir, capsys):
+    from unclip.eval.denoise_probe import scene_group
+
+    assert scene_group({"attributes": {"objects": [{"size": "small"}]}}) == "objects1_small"
+    assert scene_group({"attributes": {"objects": [{"size": "large"}, {"size": "small"}]}}) == "objects2"
+    rows = main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
+                 "--t", "10", "--num", "8", "--by-scene", "--clip", str(tiny_checkpoints["clip"])])
+    groups = [r["group"] for r in rows]
+    assert groups == sorted(groups) and all(g == "objects2" or g.startswith("objects1_") for g in groups)
+    out = capsys.readouterr().out
+    assert all(f"{g} (" in out for g in groups) and len(groups) == out.count("| t | snr | mse |")

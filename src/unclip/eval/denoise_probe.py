@@ -1,6 +1,6 @@
 """Denoising probe: what a decoder's x_0 prediction keeps of x_t, noise level by noise level.
 
-    python -m unclip.eval.denoise_probe --ckpt <decoder last.ckpt> --shards '<validation shards>/*.tar'
+    python -m unclip.eval.denoise_probe --ckpt <decoder last.ckpt> --shards '<validation shards>/*.tar' [--by-scene]
 
 Noises validation images to fixed timesteps t with fixed noise, asks the decoder (conditioned on each image's
 true CLIP embedding and caption, no guidance) for x_0, and reports per t the MSE of that prediction and, on
@@ -98,9 +98,15 @@ def denoise_probe(
     return rows
 
 
+def scene_group(meta: dict) -> str:
+    """A `shapes` sample's scene kind: "objects1_<size>" (one object: small, medium, large) or "objects2"."""
+    objects = meta["attributes"]["objects"]
+    return f"objects1_{objects[0]['size']}" if len(objects) == 1 else "objects2"
+
+
 def format_rows(rows: list[dict[str, float]]) -> str:
     """A Markdown table of `denoise_probe` rows."""
-    keys = ["t", "snr", "mse"] + sorted({k for r in rows for k in r} - {"t", "snr", "mse"})
+    keys = ["t", "snr", "mse"] + sorted({k for r in rows for k in r} - {"t", "snr", "mse", "group"})
     lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[k]:.0f}" if k == "t" else f"{r[k]:.4g}" if k in r else "-"
@@ -117,18 +123,41 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--t", type=int, nargs="+", default=list(DEFAULT_TIMESTEPS), help="timesteps probed")
     parser.add_argument("--num", type=int, default=200, help="images probed (the first ones, in order)")
     parser.add_argument("--judge-size", type=int, default=64, help="side at which ShapesEval judges")
+    parser.add_argument("--clip", default=None,
+                        help="the decoder's CLIP checkpoint, where the one its checkpoint records has moved or changed")
+    parser.add_argument("--by-scene", action="store_true",
+                        help="`shapes` only: one table per scene kind (one object by size, two objects); rows get 'group'")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    pipe = UnCLIPPipeline.from_checkpoints(decoder=args.ckpt, device="cpu", precision="fp32")
+    from unclip.clip.encoder import ClipEncoder
+
+    clip = ClipEncoder(checkpoint=args.clip) if args.clip else None
+    pipe = UnCLIPPipeline.from_checkpoints(decoder=args.ckpt, clip=clip, device="cpu", precision="fp32")
     stage = pipe.decoder
     if not all(0 <= t < stage.diffusion.num_timesteps for t in args.t):
         parser.error(f"--t values must lie in [0, {stage.diffusion.num_timesteps})")
     images, captions, metas = read_images(args.shards, stage.net.config["image_size"], args.num)
     text = pipe.clip.encode_text(captions) if stage.meta["system"].get("use_text") else None
     cond = pipe.decoder_cond(pipe.image_embeds(images), text)
-    rows = denoise_probe(stage.net, stage.diffusion, images, cond, args.t, metas, args.judge_size)
-    print(format_rows(rows))
+    groups = {"all": list(range(len(images)))}
+    if args.by_scene:
+        if not all(m.get("attributes") for m in metas):
+            parser.error("--by-scene needs `shapes` samples (their json's attributes)")
+        groups = {}
+        for i, meta in enumerate(metas):
+            groups.setdefault(scene_group(meta), []).append(i)
+    rows = []
+    for name, indices in sorted(groups.items()):
+        index = torch.tensor(indices)
+        part = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+        got = denoise_probe(stage.net, stage.diffusion, images[index], part, args.t, [metas[i] for i in indices],
+                            args.judge_size)
+        if args.by_scene:
+            print(f"\n{name} ({len(indices)} images)")
+            got = [{**r, "group": name} for r in got]
+        print(format_rows(got))
+        rows += got
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
