@@ -63,8 +63,15 @@ def test_probe_cli_by_scene_groups_one_object_scenes_by_size(tiny_checkpoints, d
     assert scene_group({"attributes": {"objects": [{"size": "small"}]}}) == "objects1_small"
     assert scene_group({"attributes": {"objects": [{"size": "large"}, {"size": "small"}]}}) == "objects2"
     rows = main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
-                 "--t", "10", "--num", "8", "--by-scene", "--clip", str(tiny_checkpoints["clip"])])
+                 "--t", "10", "--num", "8", "--by-scene"])
     groups = [r["group"] for r in rows]
     assert groups == sorted(groups) and all(g == "objects2" or g.startswith("objects1_") for g in groups)
     out = capsys.readouterr().out
     assert all(f"{g} (" in out for g in groups) and len(groups) == out.count("| t | snr | mse |")
+
+
+def test_probe_cli_clip_replaces_the_recorded_clip_and_is_checked(tiny_checkpoints, data_dir):
+    """`--clip` reaches the pipeline: a CLIP other than the decoder's own is refused by its fingerprint check."""
+    with pytest.raises(ValueError, match="CLIP mismatch"):
+        main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
+              "--t", "10", "--num", "4", "--clip", str(tiny_checkpoints["clip"])])

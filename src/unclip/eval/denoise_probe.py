@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--clip", default=None,
                         help="the decoder's CLIP checkpoint, where the one its checkpoint records has moved or changed")
     parser.add_argument("--by-scene", action="store_true",
-                        help="`shapes` only: one table per scene kind (one object by size, two objects); rows get 'group'")
+                        help="`shapes` only: one table per scene kind (one object by size, two objects); "
+                             "rows get 'group'")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
