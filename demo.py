@@ -1,7 +1,7 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, 13 to 24 minutes by the machine, a simpler caption
+    python demo.py                      the CPU demo: 2 cores, 13 to 17 minutes by the machine, a simpler caption
                                         grammar (one large object per image; 32 px decoder -> 64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, 52 to 62 minutes, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100/H200, about 7 minutes)
