@@ -11,10 +11,10 @@ Rows (`--rows peer path`):
            2 candidates, best by text similarity), decoder (50 steps, guidance 3), upsampler (25 steps), and
            their sum
 Each row calls what the pipeline calls, `unclip.generate.sample_image_embeds` / `sample_images` (guidance as one
-batched forward through `guided_denoiser`, one seeded generator per sample), with random conditioning in
-place of CLIP (text/image embeddings and caption tokens ~ N(0, 1), low-resolution images ~ U(-1, 1)), under
-bf16 autocast, nets in eval mode (channels_last UNets) with their zero-initialised layers filled with small random
-values (see `fill_zero_init`), optionally `net.compile()`.
+batched forward through `guided_denoiser`, one seeded generator per sample), with random conditioning in place of
+CLIP (text/image embeddings and caption tokens ~ N(0, 1), low-resolution images ~ U(-1, 1)), under bf16 autocast,
+nets in eval mode (channels_last UNets on a GPU, as the pipeline) with their zero-initialised layers filled with
+small random values (see `fill_zero_init`), optionally `net.compile()`.
 
 Per row: seconds (median of --repeats runs after --warmup runs; the first run's time is reported too, it holds
 torch.compile's compilation), images (or embeddings) per second, and the host syncs of one more run under
@@ -60,6 +60,7 @@ from train_throughput import (  # noqa: E402
 from unclip.diffusion.embed_norm import EmbedNormalizer  # noqa: E402
 from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images  # noqa: E402
 from unclip.nets import UNet  # noqa: E402
+from unclip.nets.unet import conv_memory_format  # noqa: E402
 
 # The peer's eager bf16 seconds on one H100 (shared/bench/PEER.md), keyed by row and by our preset of its shape.
 PEER_SAMPLING = {
@@ -319,8 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager for CPU tests)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or plain fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last UNet weights")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last UNet weights (default: on a GPU only, as the project runs them)")
     p.add_argument("--sync-check", action=argparse.BooleanOptionalAction, default=True,
                    help="count host syncs per row (CUDA): one run, and a 2-step run for the per-step count")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -330,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.channels_last is None:
+        args.channels_last = conv_memory_format(args.device) == torch.channels_last
     return args
 
 

@@ -11,7 +11,8 @@ weighting, backward, AdamW over `StageSystem.parameter_groups`; optionally (`--e
 clipping and the EMA callback's update. No data loading and no CLIP: the inputs are drawn once and stay on the
 device (text/image embeddings ~ N(0, 1), caption tokens ~ N(0, 1) with every position valid, images ~ U(-1, 1)).
 Precision as Lightning's bf16-mixed (autocast around the forward, fp32 weights and AdamW states), TF32 and
-cuDNN benchmark on (conf/trainer/default.yaml), channels_last UNets.
+cuDNN benchmark on (conf/trainer/default.yaml), channels_last UNets on a GPU (NCHW on the CPU, as training runs
+them).
 
 Per configuration: samples/s, ms/step (mean over the timed steps; median and min too), peak memory of the timed
 steps, parameters, FLOPs per sample of forward + backward (torch.utils.flop_counter on a meta-device copy:
@@ -50,6 +51,7 @@ from torch import nn
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.nets import PriorTransformer, UNet
+from unclip.nets.unet import conv_memory_format
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -466,8 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip-norm", type=float, default=1.0, help="max gradient norm with 'clip' (trainer default)")
     p.add_argument("--crop", type=int, default=None, help="upsampler training crop (default: image_size // 4)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or plain fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last UNet weights and images")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last UNet weights and images (default: on a GPU only, as the project runs them)")
     p.add_argument("--peak-flops", type=float, default=H100_BF16_MATMUL_FLOPS, help="FLOP/s that MFU divides by")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget-s", type=float, default=None,
@@ -478,6 +480,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--batch takes one value or one per preset ({len(args.preset)})")
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be at least 1")
+    if args.channels_last is None:
+        args.channels_last = conv_memory_format(args.device) == torch.channels_last
     return args
 
 

@@ -232,6 +232,15 @@ def test_sampling_default_work():
         64, 50, 25)
 
 
+def test_channels_last_defaults_to_the_projects_layout():
+    """The benches time UNets in the layout training and the pipeline use on that device, unless told otherwise."""
+    assert sampling_speed.parse_args([*SAMPLING_TINY, "--device", "cpu"]).channels_last is False
+    assert sampling_speed.parse_args([*SAMPLING_TINY, "--device", "cuda"]).channels_last is True
+    assert sampling_speed.parse_args([*SAMPLING_TINY, "--device", "cpu", "--channels-last"]).channels_last is True
+    assert train_throughput.parse_args(["--device", "cpu"]).channels_last is False
+    assert train_throughput.parse_args(["--device", "cuda"]).channels_last is True
+
+
 def test_sampling_sync_split(monkeypatch):
     """Syncs per step come from the difference between the full run and a 2-step run of the same call."""
 

@@ -42,6 +42,26 @@ def test_text_to_image_sizes_range_and_seeds(pipe):
     assert torch.equal(preview["images"], out["decoder"])
 
 
+def conv_weight_formats(net: torch.nn.Module) -> set[bool]:
+    """For each 4-D weight of `net`: is it channels_last (and not merely NCHW-contiguous)?"""
+    return {p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in net.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2:] != (1, 1)}
+
+
+def test_unet_stages_take_their_device_layout(tiny_checkpoints):
+    """A UNet's conv weights run NCHW on the CPU (faster there) and channels_last on a GPU, as in training."""
+    from unclip.nets.unet import conv_memory_format
+    from unclip.pipeline import LoadedStage
+
+    assert conv_memory_format("cpu") == torch.contiguous_format
+    assert conv_memory_format(torch.device("cuda", 0)) == torch.channels_last
+    stage = LoadedStage.load(tiny_checkpoints["decoder"], "decoder")
+    stage.net.to(memory_format=torch.channels_last)
+    assert conv_weight_formats(stage.to("cpu").net) == {False}
+    if torch.cuda.is_available():
+        assert conv_weight_formats(stage.to("cuda").net) == {True}
+
+
 def test_empty_prompt_is_refused(pipe):
     with pytest.raises(ValueError, match="empty prompt"):
         fast(pipe, ["a red circle", "  "], [0, 1])

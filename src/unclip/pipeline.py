@@ -32,6 +32,7 @@ from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import ddim_invert, guided_denoiser
 from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsample_images
+from unclip.nets.unet import UNet, conv_memory_format
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,11 @@ class LoadedStage:
         return cls(name or stage, net, diffusion, meta, str(path), ckpt["file_sha256"], sampler)
 
     def to(self, device: torch.device | str) -> LoadedStage:
+        """Move to `device`; a UNet's conv weights take that device's layout (`conv_memory_format`), as in
+        training, so its convolutions run channels_last on a GPU."""
         self.net.to(device)
+        if isinstance(self.net, UNet):
+            self.net.to(memory_format=conv_memory_format(device))
         self.diffusion.to(device)
         return self
 

@@ -30,7 +30,7 @@ from unclip.clip.encoder import ClipEncoder
 from unclip.data.degradation import bsr_degrade, gaussian_blur_aug, paired_random_crop
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.generate import DECODER_DROP, SamplerConfig, sample_images, upsample_images, upsampler_cond
-from unclip.nets.unet import resize_lowres
+from unclip.nets.unet import conv_memory_format, resize_lowres
 from unclip.systems.base import StageSystem, net_for_clip, plain
 from unclip.utils.images import grid, save_png
 from unclip.utils.ranks import keys_on_every_rank
@@ -84,7 +84,7 @@ class ImageStageSystem(StageSystem):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.training_inputs(batch, train=True)
-        x0 = x0.contiguous(memory_format=torch.channels_last) if x0.is_cuda else x0
+        x0 = x0.contiguous(memory_format=conv_memory_format(x0.device))
         out = self.diffusion.training_losses(self.train_net, x0, on_inputs=self.measure_flops, **cond)
         per_sample, t = out["loss"], out["t"]
         bucket = (t * NUM_BUCKETS // self.diffusion.num_timesteps).clamp(max=NUM_BUCKETS - 1)
