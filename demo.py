@@ -1,17 +1,18 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, 13 to 17 minutes by the machine, a simpler caption
-                                        grammar (one large object per image; 32 px decoder -> 64 px upsampler)
+    python demo.py                      the CPU demo: 2 cores, 14.2 minutes at 175 GFLOP/s (less on faster cores),
+                                        a simpler caption grammar (one large object per image; 32 px decoder ->
+                                        64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, 52 to 62 minutes, the full `shapes` grammar
     python demo.py --preset shapes      the GPU run (64 px -> 256 px; one H100/H200, about 7 minutes)
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
 Each stage is the same command a user types (printed before it runs), with its run folder and log under --out.
-On the CPU presets the work is spread over both cores: CLIP trains as one process with two threads (the study's
-as two data-parallel ranks, `trainer=cpu_ddp`, one core each); its embeddings of the data are then computed once (`unclip.data.embed`), and the prior trains
-on them beside the upsampler (which needs no CLIP), one core each; last the decoder, the stage that needs the
-most compute, trains as two data-parallel ranks.
+On the CPU presets the work is spread over both cores: CLIP trains first (the demo's as one process with two
+threads, the study's as two data-parallel ranks, `trainer=cpu_ddp`, one core each); its embeddings of the data
+are then computed once (`unclip.data.embed`), and the prior trains on them beside the upsampler (which needs no
+CLIP), one core each; last the decoder, the stage that needs the most compute, trains as two data-parallel ranks.
 
 The CPU demo does a fixed amount of work per stage (`trainer.max_steps`): the step counts at which its figures
 were measured, so a slower machine takes longer but trains the same models (2-core machines differ by 1.8x in
