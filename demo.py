@@ -1,7 +1,7 @@
 """The whole unCLIP pipeline on the embedded `shapes` data: train CLIP -> prior -> decoder -> upsampler, sample
 a grid for a few captions, evaluate from captions alone, plot the training curves, and print where it all is.
 
-    python demo.py                      the CPU demo: 2 cores, 14.2 minutes at 175 GFLOP/s (less on faster cores),
+    python demo.py                      the CPU demo: 2 cores, 14.3 minutes at 175 GFLOP/s (less on faster cores),
                                         a simpler caption grammar (one large object per image; 32 px decoder ->
                                         64 px upsampler)
     python demo.py --preset cpu_study   the CPU study: 2 cores, 52 to 62 minutes, the full `shapes` grammar

@@ -82,6 +82,9 @@ def test_evaluate_pipeline_text_to_image(tiny_checkpoints, compose_cfg, tmp_path
     assert "shapes_decoder_indist_all" not in metrics  # the 32 px decoder output is not judged on shape
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_samples"] == 8 and set(report["checkpoints"]) >= {"prior", "decoder", "upsampler", "clip"}
+    samplers = report["samplers"]  # as used: the overrides above over each checkpoint's own settings
+    assert [samplers[s]["num_steps"] for s in ("prior", "decoder", "upsampler")] == [3, 3, 2]
+    assert samplers["decoder"]["name"] and samplers["decoder"]["cond_scale"] is not None
 
 
 def test_nothing_to_evaluate_is_a_clear_error(compose_cfg, tmp_path):
