@@ -80,3 +80,13 @@ def test_cpu_precision_is_bf16_only_where_the_cpu_has_amx(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert cpu_precision() == "32-true"
     assert OmegaConf.create({"p": "${unclip.cpu_precision:}"}).p == "32-true"  # registered as a resolver
+
+
+def test_cpu_clip_layouts(compose_cfg, tmp_path):
+    """The demo's CLIP is one process of 64 pairs (faster on two cores); the study's keeps the two ranks of 32 its
+    figures were measured with. Both give every caption 63 in-batch negatives."""
+    demo = compose_cfg("train", ["experiment=demo_clip"], tmp_path / "demo")
+    study = compose_cfg("train", ["experiment=study_clip"], tmp_path / "study")
+    assert (demo.trainer.devices, demo.data.batch_size, demo.trainer.strategy) == (1, 64, "auto")
+    assert (study.trainer.devices, study.data.batch_size) == (2, 32)
+    assert study.trainer.strategy._target_.endswith("DDPStrategy")
