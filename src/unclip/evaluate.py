@@ -33,7 +33,7 @@ from unclip.eval.report import write_report
 from unclip.eval.retrieval import grouped_recall
 from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images, upsample_images
 from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
-from unclip.sample import _given, _resolved_samplers, build_pipeline
+from unclip.sample import _given, build_pipeline, sampler_overrides
 from unclip.systems.prior import embedding_metrics
 from unclip.utils.images import grid, save_png
 
@@ -329,16 +329,12 @@ def _eval_pipeline(cfg: DictConfig, device: torch.device):
     final = pipe.upsamplers[-1] if pipe.upsamplers else pipe.decoder
     size = final.net.config["image_size"]
     metrics_obj = _image_metrics(cfg, pipe.clip, device)
-    settings = {"prior_sampler": _given(cfg.prior_sampler), "decoder_sampler": _given(cfg.decoder_sampler),
-                "upsampler_samplers": [_given(u) for u in cfg.upsampler_samplers or []]}
+    overrides = sampler_overrides(cfg)
     shapes, shapes_64, shown, n = None, None, [], 0
     for batch in _batches(cfg, size, None, device):
         b = len(batch["caption"])
         out = pipe.text_to_image(batch["caption"], [int(cfg.seed) + n + i for i in range(b)],
-                                 prior_sampler=settings["prior_sampler"] or None,
-                                 decoder_sampler=settings["decoder_sampler"] or None,
-                                 upsampler_samplers=settings["upsampler_samplers"],
-                                 num_candidates=cfg.num_candidates, batch_size=int(cfg.batch_size))
+                                 **overrides, num_candidates=cfg.num_candidates, batch_size=int(cfg.batch_size))
         samples = out["images"].to(device)
         metrics_obj.update_real(batch["image"])
         metrics_obj.update_fake(samples, captions=list(batch["caption"]))
@@ -354,6 +350,6 @@ def _eval_pipeline(cfg: DictConfig, device: torch.device):
     metrics = {**metrics_obj.compute(), **_shapes_scores(shapes)}
     metrics.update({k.replace("shapes_", "shapes_decoder_"): v for k, v in _shapes_scores(shapes_64).items()})
     extra = {"num_samples": n, **metrics_obj.metadata(), "checkpoints": pipe.checkpoint_hashes(),
-             "clip": _identity(pipe.clip), "samplers": _resolved_samplers(pipe, settings)}  # as used: overrides
-    # over each checkpoint's own settings, so a report says how its images were drawn
+             "clip": _identity(pipe.clip),
+             "samplers": {k: v.to_dict() for k, v in pipe.resolve_samplers(**overrides).items()}}  # as drawn
     return metrics, extra, shown

@@ -261,6 +261,18 @@ class UnCLIPPipeline:
             outs.append(images)
         return outs
 
+    def resolve_samplers(self, prior_sampler: SamplerConfig | dict | None = None,
+                         decoder_sampler: SamplerConfig | dict | None = None,
+                         upsampler_samplers: Sequence[SamplerConfig | dict | None] = ()) -> dict[str, SamplerConfig]:
+        """The sampler each stage runs with: the given settings over its checkpoint's own. Keys: "prior" (when
+        the pipeline has one), "decoder" and each upsampler's name; `upsampler_samplers` is in upsampler order."""
+        out = {"prior": SamplerConfig.from_any(prior_sampler, **self.prior.sampler.to_dict())} if self.prior else {}
+        out["decoder"] = SamplerConfig.from_any(decoder_sampler, **self.decoder.sampler.to_dict())
+        given = list(upsampler_samplers) + [None] * len(self.upsamplers)
+        for u, stage in zip(given, self.upsamplers):
+            out[stage.name] = SamplerConfig.from_any(u, **stage.sampler.to_dict())
+        return out
+
     # ------------------------------------------------------------------ text to image
     @torch.no_grad()
     def text_to_image(self, prompts: Sequence[str], seeds: Sequence[int] | None = None, *,
@@ -283,10 +295,9 @@ class UnCLIPPipeline:
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        prior_cfg = SamplerConfig.from_any(prior_sampler, **self.prior.sampler.to_dict()) if self.prior else None
-        dec_cfg = SamplerConfig.from_any(decoder_sampler, **self.decoder.sampler.to_dict())
-        up_cfgs = [SamplerConfig.from_any(u, **s.sampler.to_dict())
-                   for u, s in zip(list(upsampler_samplers) + [None] * len(self.upsamplers), self.upsamplers)]
+        resolved = self.resolve_samplers(prior_sampler, decoder_sampler, upsampler_samplers)
+        prior_cfg, dec_cfg = resolved.get("prior"), resolved["decoder"]
+        up_cfgs = [resolved[s.name] for s in self.upsamplers]
         n_up = len(self.upsamplers) if stop_at is None else (names.index(stop_at) + 1 if stop_at in names else 0)
         out: dict[str, list[torch.Tensor]] = {"image_embed": [], "decoder": []}
         for start in range(0, len(prompts), batch_size):

@@ -22,7 +22,6 @@ from PIL import Image
 
 import unclip
 import unclip.config  # noqa: F401
-from unclip.generate import SamplerConfig
 from unclip.pipeline import UnCLIPPipeline
 from unclip.utils.images import grid, save_png, to_uint8
 
@@ -140,17 +139,11 @@ def _text_to_image(cfg, prompts: list[str], pipe: UnCLIPPipeline, images_dir: Pa
         if cut:
             log.warning("prompt %d is longer than CLIP's %d-token context and is truncated: %r", i,
                         pipe.clip.context_length, p[:80] + ("..." if len(p) > 80 else ""))
-    settings = {
-        "prior_sampler": _given(cfg.prior_sampler), "decoder_sampler": _given(cfg.decoder_sampler),
-        "upsampler_samplers": [_given(u) for u in cfg.upsampler_samplers or []],
-        "num_candidates": cfg.num_candidates, "stop_at": cfg.stop_at,
-    }
-    result = pipe.text_to_image(expanded, seeds, prior_sampler=settings["prior_sampler"] or None,
-                                decoder_sampler=settings["decoder_sampler"] or None,
-                                upsampler_samplers=settings["upsampler_samplers"] or (),
-                                num_candidates=cfg.num_candidates, stop_at=cfg.stop_at,
+    overrides = sampler_overrides(cfg)
+    settings = {**overrides, "num_candidates": cfg.num_candidates, "stop_at": cfg.stop_at}
+    result = pipe.text_to_image(expanded, seeds, **overrides, num_candidates=cfg.num_candidates, stop_at=cfg.stop_at,
                                 batch_size=int(cfg.batch_size), progress=True)
-    samplers = _resolved_samplers(pipe, settings)
+    samplers = {k: v.to_dict() for k, v in pipe.resolve_samplers(**overrides).items()}
     files = []
     images = result.get("images")
     if images is not None and not torch.isfinite(images).all():
@@ -178,16 +171,11 @@ def _given(node) -> dict[str, Any]:
     return {k: v for k, v in (values or {}).items() if v is not None}
 
 
-def _resolved_samplers(pipe: UnCLIPPipeline, settings: dict) -> dict[str, Any]:
-    out = {}
-    if pipe.prior is not None:
-        out["prior"] = SamplerConfig.from_any(settings["prior_sampler"], **pipe.prior.sampler.to_dict()).to_dict()
-    out["decoder"] = SamplerConfig.from_any(settings["decoder_sampler"], **pipe.decoder.sampler.to_dict()).to_dict()
-    ups = list(settings["upsampler_samplers"] or [])
-    for i, stage in enumerate(pipe.upsamplers):
-        given = ups[i] if i < len(ups) else None
-        out[stage.name] = SamplerConfig.from_any(given, **stage.sampler.to_dict()).to_dict()
-    return out
+def sampler_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The `prior_sampler`, `decoder_sampler` and `upsampler_samplers` keys set on the command line, as
+    `UnCLIPPipeline.text_to_image` / `resolve_samplers` take them."""
+    return {"prior_sampler": _given(cfg.prior_sampler), "decoder_sampler": _given(cfg.decoder_sampler),
+            "upsampler_samplers": [_given(u) for u in cfg.upsampler_samplers or []]}
 
 
 def _input(value: str, pipe: UnCLIPPipeline) -> torch.Tensor | str:
