@@ -9,10 +9,10 @@ a grid for a few captions, evaluate from captions alone, plot the training curve
     python demo.py --fast               a few steps per stage (the test suite's end-to-end check)
 
 Each stage is the same command a user types (printed before it runs), with its run folder and log under --out.
-On the CPU presets the work is spread over both cores: CLIP trains first (the demo's as one process with two
-threads, the study's as two data-parallel ranks, `trainer=cpu_ddp`, one core each); its embeddings of the data
-are then computed once (`unclip.data.embed`), and the prior trains on them beside the upsampler (which needs no
-CLIP), one core each; last the decoder, the stage that needs the most compute, trains as two data-parallel ranks.
+On the CPU presets the work is spread over both cores: CLIP trains first (one process with two threads); its
+embeddings of the data are then computed once (`unclip.data.embed`), and the prior trains on them beside the
+upsampler (which needs no CLIP), one core each; last the decoder, the stage that needs the most compute, trains
+as two data-parallel ranks.
 
 The CPU demo does a fixed amount of work per stage (`trainer.max_steps`): the step counts at which its figures
 were measured, so a slower machine takes longer but trains the same models (2-core machines differ by 1.8x in
@@ -68,7 +68,7 @@ PRESETS = {
     },
     "cpu_study": {
         "prefix": "study", "data": "shapes_study", "eval_samples": 1000, "prompts": FULL_PROMPTS,
-        "phases": [(("clip",), 1), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
+        "phases": [(("clip",), 2), (("prior", "upsampler"), 1), (("decoder",), 1)], "precompute": True,
         # the CLIP reads colour and position by its step 2,000 (4.5 min), the prior converges in its first 1,000
         # steps and the upsampler passes its bar by then (RESULTS.md): their minutes go to the decoder, whose
         # two-object scenes are still improving at the end (colour from true embeddings 0.32 -> 0.46, steps 4k -> 10.5k)
