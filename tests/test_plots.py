@@ -7,7 +7,7 @@ import csv
 import pytest
 from PIL import Image
 
-from unclip.plots import find_runs, plot_runs, read_metrics
+from unclip.plots import find_runs, plot_runs, quality_panels, read_metrics
 
 
 def _write_run(root, name: str, rows: list[dict]) -> None:
@@ -35,6 +35,20 @@ def test_plots_every_stage_of_a_demo_folder(tmp_path):
     for path in written:
         with Image.open(path) as image:
             assert image.size[0] > 400 and image.size[1] > 200
+
+
+def test_a_two_rank_decoder_gets_its_by_scene_panels(tmp_path):
+    """Two data-parallel ranks log only the keys both have (`shapes_objects1_*`, `shapes_objects2_*`): those are
+    drawn, each scene in its own panel, and nothing the run did not log."""
+    _write_run(tmp_path, "decoder", [{"step": 999, "val/loss": 0.8, "val/recon_clip_cosine": 0.7,
+                                      "val/shapes_objects1_colour": 1.0, "val/shapes_objects1_shape": 0.2,
+                                      "val/shapes_objects2_relation": 0.6}])
+    runs = find_runs([tmp_path])
+    panels = quality_panels(runs, {run: read_metrics(run) for _, run in runs})
+    assert [(title, keys) for _, _, title, keys in panels] == [
+        ("ShapesEval, one object", ["val/shapes_objects1_colour", "val/shapes_objects1_shape"]),
+        ("ShapesEval, two objects", ["val/shapes_objects2_relation"]),
+        ("cos(CLIP(sample), its image embedding)", ["val/recon_clip_cosine"])]
 
 
 def test_a_folder_without_logs_is_a_clear_error(tmp_path):

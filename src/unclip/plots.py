@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["read_metrics", "find_runs", "plot_runs", "QUALITY_KEYS"]
+__all__ = ["read_metrics", "find_runs", "plot_runs", "quality_panels", "QUALITY_KEYS"]
 
 STAGE_ORDER = ("clip", "prior", "decoder", "upsampler")
 # Per stage: (panel title, metric keys drawn in that panel). Only the keys a run logged are drawn.
@@ -38,8 +38,13 @@ QUALITY_KEYS: dict[str, list[tuple[str, list[str]]]] = {
     "decoder": [("FID / FD-CLIP", ["val/fid", "val/fd_clip"]), ("IS / CLIP score", ["val/is_mean", "val/clip_score"]),
                 ("ShapesEval", ["val/shapes_indist_all", "val/shapes_heldout_all", "val/shapes_indist_colour",
                                 "val/shapes_indist_position", "val/shapes_indist_shape", "val/shapes_indist_size",
-                                "val/shapes_indist_background", "val/shapes_acc_indist",
-                                "val/recon_clip_cosine"])],
+                                "val/shapes_indist_background", "val/shapes_acc_indist"]),
+                # data-parallel ranks validate different splits and log only the keys every rank has: by scene
+                ("ShapesEval, one object", [f"val/shapes_objects1_{a}" for a in
+                                            ("colour", "position", "shape", "size", "count")]),
+                ("ShapesEval, two objects", [f"val/shapes_objects2_{a}" for a in
+                                             ("colour", "relation", "shape", "size", "count")]),
+                ("cos(CLIP(sample), its image embedding)", ["val/recon_clip_cosine"])],
     "upsampler": [("PSNR (dB)", ["val/psnr", "val/psnr_bicubic"]), ("FID / FD-CLIP", ["val/fid", "val/fd_clip"]),
                   ("ShapesEval", ["val/shapes_indist_all", "val/shapes_acc_indist"])],
 }
@@ -104,6 +109,13 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def quality_panels(runs: list[tuple[str, Path]], metrics: dict[Path, dict]) -> list[tuple[str, Path, str, list[str]]]:
+    """(stage, run, panel title, keys) of each quality panel with at least one key the run logged."""
+    panels = [(stage, run, title, [k for k in keys if k in metrics[run]])
+              for stage, run in runs for title, keys in QUALITY_KEYS.get(stage, [])]
+    return [p for p in panels if p[3]]
+
+
 def plot_runs(paths: Sequence[str | Path], out_dir: str | Path | None = None) -> list[Path]:
     """Write loss.png and quality.png for the runs in `paths`; returns the files written."""
     import matplotlib
@@ -136,9 +148,7 @@ def plot_runs(paths: Sequence[str | Path], out_dir: str | Path | None = None) ->
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    panels = [(stage, run, title, [k for k in keys if k in metrics[run]])
-              for stage, run in runs for title, keys in QUALITY_KEYS.get(stage, [])]
-    panels = [p for p in panels if p[3]]
+    panels = quality_panels(runs, metrics)
     if panels:
         cols = min(3, len(panels))
         rows = -(-len(panels) // cols)
