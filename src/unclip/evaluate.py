@@ -33,7 +33,7 @@ from unclip.eval.report import write_report
 from unclip.eval.retrieval import grouped_recall
 from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sample_images, upsample_images
 from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
-from unclip.sample import _given, build_pipeline, sampler_overrides
+from unclip.sample import _given, build_pipeline, sampler_overrides, samplers_used
 from unclip.systems.prior import embedding_metrics
 from unclip.utils.images import grid, save_png
 
@@ -351,5 +351,5 @@ def _eval_pipeline(cfg: DictConfig, device: torch.device):
     metrics.update({k.replace("shapes_", "shapes_decoder_"): v for k, v in _shapes_scores(shapes_64).items()})
     extra = {"num_samples": n, **metrics_obj.metadata(), "checkpoints": pipe.checkpoint_hashes(),
              "clip": _identity(pipe.clip),
-             "samplers": {k: v.to_dict() for k, v in pipe.resolve_samplers(**overrides).items()}}  # as drawn
+             "samplers": samplers_used(pipe, overrides)}
     return metrics, extra, shown

@@ -141,9 +141,8 @@ def _text_to_image(cfg, prompts: list[str], pipe: UnCLIPPipeline, images_dir: Pa
                         pipe.clip.context_length, p[:80] + ("..." if len(p) > 80 else ""))
     overrides = sampler_overrides(cfg)
     settings = {**overrides, "num_candidates": cfg.num_candidates, "stop_at": cfg.stop_at}
-    result = pipe.text_to_image(expanded, seeds, **overrides, num_candidates=cfg.num_candidates, stop_at=cfg.stop_at,
-                                batch_size=int(cfg.batch_size), progress=True)
-    samplers = {k: v.to_dict() for k, v in pipe.resolve_samplers(**overrides).items()}
+    result = pipe.text_to_image(expanded, seeds, **settings, batch_size=int(cfg.batch_size), progress=True)
+    samplers = samplers_used(pipe, overrides)
     files = []
     images = result.get("images")
     if images is not None and not torch.isfinite(images).all():
@@ -176,6 +175,11 @@ def sampler_overrides(cfg: DictConfig) -> dict[str, Any]:
     `UnCLIPPipeline.text_to_image` / `resolve_samplers` take them."""
     return {"prior_sampler": _given(cfg.prior_sampler), "decoder_sampler": _given(cfg.decoder_sampler),
             "upsampler_samplers": [_given(u) for u in cfg.upsampler_samplers or []]}
+
+
+def samplers_used(pipe: UnCLIPPipeline, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each stage's sampler settings as it draws with `overrides` (of `sampler_overrides`), for a JSON record."""
+    return {stage: sampler.to_dict() for stage, sampler in pipe.resolve_samplers(**overrides).items()}
 
 
 def _input(value: str, pipe: UnCLIPPipeline) -> torch.Tensor | str:
