@@ -11,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,33 @@ def test_sync_counter_sees_a_host_sync():
     assert count >= 1 and sites
     count, _ = train_throughput.count_host_syncs(lambda: x * 2, torch.device("cuda"))
     assert count == 0
+
+
+def test_shapes_subset_keeps_whole_samples_of_the_asked_scenes(tmp_path, capsys):
+    import shapes_subset
+
+    from unclip.data.shapes import write_shapes
+
+    write_shapes(tmp_path / "data", num_train=60, num_val=0, num_heldout=0, shard_size=30, image_size=32,
+                 num_workers=1, progress=False)
+    src = str(tmp_path / "data" / "train" / "*.tar")
+    shapes_subset.main(["--src", src, "--out", str(tmp_path / "sub"), "--objects", "1", "--size", "large"])
+    kept_files = 0
+    for shard in sorted((tmp_path / "sub").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+            metas = [json.loads(tar.extractfile(n).read())["attributes"] for n in names if n.endswith(".json")]
+        assert {n.split(".", 1)[0] for n in names} == {n.split(".", 1)[0] for n in names if n.endswith(".jpg")}
+        assert all(len(m["objects"]) == 1 and m["objects"][0]["size"] == "large" for m in metas)
+        kept_files += len(metas)
+    expected = 0
+    for shard in sorted((tmp_path / "data" / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for n in tar.getnames():
+                if n.endswith(".json"):
+                    objects = json.loads(tar.extractfile(n).read())["attributes"]["objects"]
+                    expected += len(objects) == 1 and objects[0]["size"] == "large"
+    assert 0 < kept_files == expected < 60
+    assert f"kept {expected} of 60 samples in 2 shards" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no shards match"):
+        shapes_subset.main(["--src", str(tmp_path / "none" / "*.tar"), "--out", str(tmp_path / "x")])

@@ -18,19 +18,22 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path, n: int, seed: int, two_object_every: int = 0) -> None:
+def write_shard(path, n: int, seed: int, two_object_every: int = 0, size_flips_shape: bool = False) -> None:
     """Samples whose image embedding encodes the shape linearly (one-hot + noise) and the position not at all;
-    the text embedding encodes the position."""
+    the text embedding encodes the position. `size_flips_shape`: half the samples are small, and their shape's
+    sign is flipped, so shape is linear within each size and not across sizes."""
     rng = np.random.default_rng(seed)
     colours = list(COLOURS)
     with tarfile.open(path, "w") as tar:
         for i in range(n):
             shape, pos = SHAPES[rng.integers(len(SHAPES))], POSITIONS[rng.integers(len(POSITIONS))]
+            size = "small" if size_flips_shape and rng.random() < 0.5 else "large"
             image = rng.normal(size=16) * 0.3
-            image[SHAPES.index(shape)] += 2.0
+            image[SHAPES.index(shape)] += -2.0 if size == "small" else 2.0
+            image[15] += 2.0 if size == "small" else 0.0
             text = rng.normal(size=16) * 0.3
             text[POSITIONS.index(pos)] += 2.0
-            obj = {"shape": shape, "colour": colours[i % len(colours)], "size": "large", "position": pos}
+            obj = {"shape": shape, "colour": colours[i % len(colours)], "size": size, "position": pos}
             objects = [obj, dict(obj)] if two_object_every and i % two_object_every == 0 else [obj]
             members = {"json": json.dumps({"attributes": {"background": "white", "objects": objects}}).encode(),
                        "image_embed.npy": _npy(image.astype(np.float16)),
@@ -55,6 +58,22 @@ def test_the_probe_reads_what_each_embedding_encodes(tmp_path, capsys):
           str(tmp_path / "probe.json")])
     assert json.loads((tmp_path / "probe.json").read_text())["shape"]["image_embed"] > 0.95
     assert "position" in capsys.readouterr().out
+
+
+def test_within_size_finds_a_shape_code_that_depends_on_the_size(tmp_path, capsys):
+    write_shard(tmp_path / "train.tar", 800, seed=0, size_flips_shape=True)
+    write_shard(tmp_path / "test.tar", 300, seed=1, size_flips_shape=True)
+    report = probe_report(str(tmp_path / "train.tar"), str(tmp_path / "test.tar"), within="size")
+    assert report["size"]["image_embed"] > 0.95
+    assert report["shape"]["image_embed"] < 0.6  # one probe over both sizes: each shape's sign cancels out
+    for size in ("small", "large"):
+        row = report[f"shape@size={size}"]
+        assert row["image_embed"] > 0.95 and row["text_embed"] < 0.4 and 100 < row["test"] < 200
+        assert f"size@size={size}" not in report  # one class within a size: nothing to probe
+    with pytest.raises(ValueError, match="within must be one of"):
+        probe_report(str(tmp_path / "train.tar"), str(tmp_path / "test.tar"), within="texture")
+    main(["--train", str(tmp_path / "train.tar"), "--test", str(tmp_path / "test.tar"), "--within", "size"])
+    assert "shape@size=small" in capsys.readouterr().out
 
 
 def test_shards_that_are_not_embedded_shapes_are_refused(tmp_path):

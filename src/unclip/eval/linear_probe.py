@@ -7,6 +7,8 @@ Reads shards written by `python -m unclip.data.embed` on `shapes` data (their `i
 (embedding, attribute) on the training shards (features standardised with the training mean and std, a small
 L2 penalty, L-BFGS) and prints its accuracy on the test shards beside chance (the most frequent test class).
 Only one-object scenes are probed: the attributes of a two-object scene do not name one class.
+`--within size` adds one probe per size class, fitted and tested on that class's samples alone: an embedding can
+hold shape for each size in its own directions, which one probe over all sizes misses (docs/RESULTS.md).
 
 The decoder can draw only what its conditioning holds: a low image-embedding figure for an attribute caps the
 decoder's ShapesEval for it whatever the decoder learns (docs/RESULTS.md uses this to choose the demo CLIP).
@@ -94,20 +96,40 @@ def linear_probe(train_x: torch.Tensor, train_y: Sequence[str], test_x: torch.Te
         return (linear(x_test).argmax(1) == y_test).float().mean().item()
 
 
-def probe_report(train_pattern: str, test_pattern: str) -> dict[str, dict[str, float]]:
-    """{attribute: {"image_embed": acc, "text_embed": acc, "chance": majority-class rate, "classes": n}}."""
-    train_x, train_y = read_embedded_shapes(train_pattern)
-    test_x, test_y = read_embedded_shapes(test_pattern)
+def _probe_rows(train_x: dict[str, torch.Tensor], train_y: dict[str, list[str]], test_x: dict[str, torch.Tensor],
+                test_y: dict[str, list[str]], suffix: str = "") -> dict[str, dict[str, float]]:
     report = {}
     for attribute in PROBED:
-        if len(set(train_y[attribute])) < 2:
+        if len(set(train_y[attribute])) < 2 or not test_y[attribute]:
             continue  # a grammar that fixes the attribute (the demo's one size) has nothing to probe
         row: dict[str, float] = {name: linear_probe(train_x[name], train_y[attribute], test_x[name], test_y[attribute])
                                  for name in EMBEDDINGS}
         counts = np.unique(test_y[attribute], return_counts=True)[1]
         row["chance"] = float(counts.max() / counts.sum())
         row["classes"] = len(set(train_y[attribute]))
-        report[attribute] = row
+        row["test"] = len(test_y[attribute])
+        report[attribute + suffix] = row
+    return report
+
+
+def _subset(x: dict[str, torch.Tensor], y: dict[str, list[str]], keep: list[int]):
+    index = torch.tensor(keep, dtype=torch.long)
+    return {k: v[index] for k, v in x.items()}, {k: [v[i] for i in keep] for k, v in y.items()}
+
+
+def probe_report(train_pattern: str, test_pattern: str, within: str | None = None) -> dict[str, dict[str, float]]:
+    """{attribute: {"image_embed": acc, "text_embed": acc, "chance": majority-class rate, "classes": n, "test": n}};
+    with `within` (an attribute, e.g. "size") also {"<attribute>@<within>=<value>": row} for every other attribute,
+    each probe fitted and tested on the samples whose `within` is that value."""
+    if within is not None and within not in PROBED:
+        raise ValueError(f"within must be one of {PROBED}, got {within!r}")
+    train_x, train_y = read_embedded_shapes(train_pattern)
+    test_x, test_y = read_embedded_shapes(test_pattern)
+    report = _probe_rows(train_x, train_y, test_x, test_y)
+    for value in sorted(set(train_y[within])) if within else ():
+        train = _subset(train_x, train_y, [i for i, v in enumerate(train_y[within]) if v == value])
+        test = _subset(test_x, test_y, [i for i, v in enumerate(test_y[within]) if v == value])
+        report.update(_probe_rows(*train, *test, suffix=f"@{within}={value}"))  # `within` itself: one class, skipped
     return report
 
 
@@ -115,14 +137,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", required=True, help="glob of embedded training shards")
     parser.add_argument("--test", required=True, help="glob of embedded test shards")
+    parser.add_argument("--within", default=None, choices=PROBED,
+                        help="also probe within each class of this attribute (e.g. size)")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    report = probe_report(args.train, args.test)
-    print(f"{'attribute':>12} {'classes':>7} {'image_embed':>11} {'text_embed':>10} {'chance':>6}")
+    report = probe_report(args.train, args.test, args.within)
+    print(f"{'attribute':>24} {'classes':>7} {'test':>5} {'image_embed':>11} {'text_embed':>10} {'chance':>6}")
     for attribute, row in report.items():
-        print(f"{attribute:>12} {row['classes']:>7} {row['image_embed']:>11.3f} {row['text_embed']:>10.3f} "
-              f"{row['chance']:>6.3f}")
+        print(f"{attribute:>24} {row['classes']:>7} {row['test']:>5} {row['image_embed']:>11.3f} "
+              f"{row['text_embed']:>10.3f} {row['chance']:>6.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
