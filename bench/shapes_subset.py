@@ -19,6 +19,8 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from unclip.eval.linear_probe import read_tar_samples
+
 
 def keep_sample(attributes: dict, objects: int, size: str | None) -> bool:
     """Whether a scene has `objects` objects, all of `size` (any size when None)."""
@@ -28,22 +30,19 @@ def keep_sample(attributes: dict, objects: int, size: str | None) -> bool:
 
 def subset_shard(src: str, dst: Path, objects: int, size: str | None) -> tuple[int, int]:
     """Write the kept samples of tar shard `src` to `dst`; returns (kept, read)."""
-    with tarfile.open(src) as tin:
-        members: dict[str, list[tarfile.TarInfo]] = {}
-        for member in tin:
-            if member.isfile() and "." in member.name:
-                members.setdefault(member.name.split(".", 1)[0], []).append(member)
-        kept = 0
-        with tarfile.open(dst, "w") as tout:
-            for files in members.values():
-                meta = [m for m in files if m.name.endswith(".json")]
-                attributes = (json.loads(tin.extractfile(meta[0]).read()).get("attributes") or {}) if meta else {}
-                if not keep_sample(attributes, objects, size):
-                    continue
-                kept += 1
-                for member in files:
-                    tout.addfile(member, io.BytesIO(tin.extractfile(member).read()))
-    return kept, len(members)
+    samples = read_tar_samples(src)
+    kept = 0
+    with tarfile.open(dst, "w") as tout:
+        for key, files in samples.items():
+            attributes = (json.loads(files["json"]).get("attributes") or {}) if "json" in files else {}
+            if not keep_sample(attributes, objects, size):
+                continue
+            kept += 1
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tout.addfile(info, io.BytesIO(data))
+    return kept, len(samples)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
