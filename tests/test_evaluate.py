@@ -85,6 +85,12 @@ def test_evaluate_pipeline_text_to_image(tiny_checkpoints, compose_cfg, tmp_path
     samplers = report["samplers"]  # as used: the overrides above over each checkpoint's own settings
     assert [samplers[s]["num_steps"] for s in ("prior", "decoder", "upsampler")] == [3, 3, 2]
     assert samplers["decoder"]["name"] and samplers["decoder"]["cond_scale"] is not None
+    for name in ("shapes", "shapes_decoder"):  # one record per judged image, final and 32 px decoder output
+        lines = (tmp_path / f"{name}_scenes.jsonl").read_text().splitlines()
+        assert report["shapes_scenes"][name] == str(tmp_path / f"{name}_scenes.jsonl") and len(lines) == 8
+        scene = json.loads(lines[0])
+        assert scene["caption"] and set(scene["checks"]) >= {"colour", "count"} and "objects" in scene["read"]
+    assert any(json.loads(line)["side"] == 32 for line in (tmp_path / "shapes_decoder_scenes.jsonl").open())
 
 
 def test_nothing_to_evaluate_is_a_clear_error(compose_cfg, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -143,3 +144,38 @@ def test_a_blob_of_no_named_colour_is_read_not_a_crash():
     (obj,) = read_scene(image)["objects"]
     assert obj["position"] == "center" and obj["shape"] == "square"
     assert obj["center"] == pytest.approx([14.5 / 32, 14.5 / 32], abs=1e-6) and obj["scale"] > 0
+
+
+def test_two_object_breakdown_tells_swapped_colours_from_missing_objects(batches) -> None:
+    """On the generator's own two-object images each named colour is read where it was asked; the same scenes
+    with the two objects' colours exchanged are read as reversed; blank images as found_0. Each image also
+    leaves a JSON record of what was read and which checks held."""
+    images, metas = batches["val"]
+    two = [i for i, m in enumerate(metas) if len(m["attributes"]["objects"]) == 2
+           and len({o["colour"] for o in m["attributes"]["objects"]}) == 2]
+    right = ShapesEval()
+    right.update(images, metas)
+    breakdown = right.breakdown()
+    assert breakdown["objects2/found_2"] >= 0.98 and breakdown["objects2/colours_both_found"] >= 0.98
+    assert breakdown["objects2/colours_placed"] >= 0.98 and breakdown["objects2/colours_reversed"] <= 0.02
+    assert {k for k in breakdown if k.startswith("objects2/relation_")} <= {
+        f"objects2/relation_{k}" for k in ("left_of", "right_of", "above", "below")}
+    record = json.loads(json.dumps(right.scenes[two[0]]))  # plain JSON
+    assert record["caption"] == metas[two[0]]["caption"] and record["split"] == "indist"
+    assert len(record["read"]["objects"]) == 2 and record["checks"]["all"] is True and len(right.scenes) == len(metas)
+
+    swapped_images = []
+    for i in two:
+        scene = {**metas[i]["attributes"], "objects": [dict(o) for o in metas[i]["attributes"]["objects"]]}
+        a, b = scene["objects"]
+        a["colour"], b["colour"] = b["colour"], a["colour"]
+        swapped_images.append(_jpeg_round_trip(Image.fromarray(render_scene(scene, 256))))
+    swapped = ShapesEval()
+    swapped.update(swapped_images, [metas[i] for i in two])
+    assert swapped.breakdown()["objects2/colours_reversed"] >= 0.95, swapped.breakdown()
+    assert swapped.breakdown()["objects2/colours_placed"] <= 0.05
+    assert swapped.compute()["objects2/colour"] <= 0.2  # mostly wrong, as for any colour error: it cannot say why
+
+    blank = ShapesEval()
+    blank.update(images[two][:, :, :1, :1].expand(-1, -1, 256, 256), [metas[i] for i in two])
+    assert blank.breakdown()["objects2/found_0"] == 1.0 and "objects2/colours_placed" not in blank.breakdown()

@@ -8,8 +8,10 @@
     upsampler  from the downsampled real images: PSNR (and bicubic's), FID / KID / IS, ShapesEval
     pipeline   text-to-image from the validation captions: FID / KID / IS, CLIP score, FD-CLIP, ShapesEval
 
-Every number comes with the sample count and settings in eval.json; eval.md holds the table. Seeds are fixed
-(sample i uses seed + i), so a run repeats on the same device.
+Every number comes with the sample count and settings in eval.json; eval.md holds the table. On `shapes`,
+`<name>_scenes.jsonl` holds one record per judged image (caption, what ShapesEval read, each check), and the
+`shapes_objects2_*` breakdown says how two-object scenes fail. Seeds are fixed (sample i uses seed + i), so a
+run repeats on the same device.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         raise ValueError("nothing to evaluate: pass ckpt=<stage checkpoint> or pipeline.decoder=<checkpoint> "
                          "(with pipeline.prior=... for text-to-image)")
+    scenes = _write_scenes(out_dir, extra.pop("scenes", {}))
     extra = {"stage": stage, "version": unclip.__version__, "seed": int(cfg.seed), "device": str(device),
-             "shards": shard_specs(cfg), **extra}
+             "shards": shard_specs(cfg), **extra, **({"shapes_scenes": scenes} if scenes else {})}
     if samples:
         extra["samples_grid"] = str(save_png(grid(samples), out_dir / "samples.png"))
     json_path, md_path = write_report(metrics, out_dir, title, extra)
@@ -160,10 +163,27 @@ def _shapes_eval(batch: dict[str, Any]):
 
 
 def _shapes_scores(shapes) -> dict[str, float]:
+    """ShapesEval's accuracies and its two-object breakdown as `shapes_<group>_<attribute>` metrics."""
     if shapes is None:
         return {}
-    return {f"shapes_{k.replace('/', '_')}": float(v) for k, v in shapes.compute().items()
+    scores = shapes.compute() | shapes.breakdown()
+    return {f"shapes_{k.replace('/', '_')}": float(v) for k, v in scores.items()
             if not k.startswith("n_") and isinstance(v, (int, float)) and v == v}
+
+
+def _write_scenes(out_dir: Path, judged: dict[str, Any]) -> dict[str, str]:
+    """Each ShapesEval's per-image records as `<name>_scenes.jsonl` (caption, what was read, the checks):
+    the failures behind the accuracies, one line per image. Returns {name: path}."""
+    import json
+
+    paths = {}
+    for name, shapes in judged.items():
+        if shapes is not None and shapes.scenes:
+            path = out_dir / f"{name}_scenes.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(scene) + "\n" for scene in shapes.scenes))
+            paths[name] = str(path)
+    return paths
 
 
 # ---------------------------------------------------------------------- stages
@@ -260,7 +280,8 @@ def _eval_decoder(cfg: DictConfig, device: torch.device):
     metrics = {**metrics_obj.compute(), "recon_clip_cosine": float(torch.cat(cosines).mean()), **_shapes_scores(shapes)}
     metrics.update({k.replace("shapes_", "shapes_real_"): v for k, v in _shapes_scores(reference).items()})
     extra = {"num_samples": n, "sampler": sampler.to_dict(), **metrics_obj.metadata(), "shapes_judge_size": judge,
-             "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "clip": _identity(clip)}
+             "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "clip": _identity(clip),
+             "scenes": {"shapes": shapes, "shapes_real": reference}}
     return metrics, extra, shown
 
 
@@ -316,7 +337,7 @@ def _eval_upsampler(cfg: DictConfig, device: torch.device):
                "psnr_bicubic": float(torch.cat(bicubic).mean()), **_shapes_scores(shapes)}
     metrics["psnr_gain_db"] = metrics["psnr"] - metrics["psnr_bicubic"]
     extra = {"num_samples": n, "sampler": sampler.to_dict(), "lowres_size": low, **metrics_obj.metadata(),
-             "checkpoint": {"path": stage.path, "sha256": stage.sha256}}
+             "checkpoint": {"path": stage.path, "sha256": stage.sha256}, "scenes": {"shapes": shapes}}
     return metrics, extra, shown
 
 
@@ -351,5 +372,5 @@ def _eval_pipeline(cfg: DictConfig, device: torch.device):
     metrics.update({k.replace("shapes_", "shapes_decoder_"): v for k, v in _shapes_scores(shapes_64).items()})
     extra = {"num_samples": n, **metrics_obj.metadata(), "checkpoints": pipe.checkpoint_hashes(),
              "clip": _identity(pipe.clip),
-             "samplers": samplers_used(pipe, overrides)}
+             "samplers": samplers_used(pipe, overrides), "scenes": {"shapes": shapes, "shapes_decoder": shapes_64}}
     return metrics, extra, shown

@@ -258,6 +258,7 @@ class ShapesEval:
         self.correct: dict[str, int] = {}
         self.total: dict[str, int] = {}
         self.count = {"indist": 0, "heldout": 0}
+        self.scenes: list[dict] = []  # one record per image: see ``scene_record``
 
     def update(self, images, metas: Sequence[dict | str]) -> list[dict[str, bool]]:
         """Score a batch into the running totals; returns each sample's ``score_scene`` result."""
@@ -273,10 +274,12 @@ class ShapesEval:
             if side < MIN_SIDE:
                 raise ValueError(f"ShapesEval reads images of at least {MIN_SIDE} px, got {rgb.shape[1]}x{rgb.shape[0]}"
                                  f" (upsample the samples first, or judge the next stage's output)")
-            result = score_scene(_read_rgb(rgb), target)
+            read = _read_rgb(rgb)
+            result = score_scene(read, target)
             if side < SHAPE_MIN_SIDE:  # not trustworthy at this size: left out, not guessed
                 result = {k: v for k, v in result.items() if k not in ("shape", "all")}
             group = "heldout" if is_heldout(target) else "indist"
+            self.scenes.append(scene_record(meta, target, read, result, group, side))
             self.count[group] += 1
             scene = f"objects{len(target['objects'])}"  # both splits: where one object is drawn and two are not
             for attr, ok in result.items():
@@ -290,8 +293,68 @@ class ShapesEval:
         out = {key: self.correct[key] / self.total[key] for key in sorted(self.total)}
         return out | {"n_indist": float(self.count["indist"]), "n_heldout": float(self.count["heldout"])}
 
+    def breakdown(self) -> dict[str, float]:
+        """``two_object_breakdown`` of every scene scored since the last ``reset``."""
+        return two_object_breakdown(self.scenes)
+
     def __call__(self, images, metas: Sequence[dict | str]) -> dict[str, float]:
         """Scores of this batch alone (the running totals are left untouched)."""
         batch = ShapesEval()
         batch.update(images, metas)
         return batch.compute()
+
+
+def scene_record(meta: dict | str, target: dict, read: dict, result: dict[str, bool], split: str, side: int) -> dict:
+    """One judged image as plain JSON: its caption, split, what the caption asks (``wanted``, ``relation``,
+    ``background``, ``stated``), what was read (``read``: background and objects) and the ``checks``."""
+    caption = meta if isinstance(meta, str) else meta.get("caption")
+    keep = ("colour", "shape", "size", "position", "center", "scale")
+    objects = [{k: (np.round(o[k], 4).tolist() if k in ("center", "scale") else o[k]) for k in keep if k in o}
+               for o in read["objects"]]
+    return {"caption": caption, "split": split, "side": side, "stated": list(target["stated"]),
+            "wanted": [{k: o.get(k) for k in ("colour", "shape", "size", "position")} for o in target["objects"]],
+            "relation": target.get("relation"), "background": target.get("background"),
+            "read": {"background": read["background"], "objects": objects}, "checks": dict(result)}
+
+
+def two_object_breakdown(scenes: Sequence[dict]) -> dict[str, float]:
+    """Where two-object scenes fail, from ``scene_record``s (keys without a scene to count are left out):
+
+    ``objects2/found_<k>``: fraction of scenes in which k objects were read (k = 0, 1, 2, ``3plus``);
+    ``objects2/relation_<kind>``: relation accuracy per kind ("left of" -> ``left_of``);
+    ``objects2/colours_both_found``: fraction of scenes naming two different colours in which each is read
+    on some object; among those, ``objects2/colours_placed`` (the relation holds between the objects of the
+    two named colours: colour bound to place) and ``objects2/colours_reversed`` (it holds with the colours
+    exchanged: each colour drawn where the other was asked).
+    """
+    two = [s for s in scenes if len(s["wanted"]) == 2]
+    out: dict[str, float] = {}
+    if not two:
+        return out
+    found = [min(len(s["read"]["objects"]), 3) for s in two]
+    for k in range(4):
+        out[f"objects2/found_{k}{'plus' if k == 3 else ''}"] = found.count(k) / len(two)
+    kinds: dict[str, list[bool]] = {}
+    for s in two:
+        if s.get("relation") and "relation" in s["checks"]:
+            kinds.setdefault(s["relation"].replace(" ", "_"), []).append(bool(s["checks"]["relation"]))
+    out.update({f"objects2/relation_{k}": sum(v) / len(v) for k, v in sorted(kinds.items())})
+    asked = [s for s in two if s.get("relation") and "colour" in s["stated"]
+             and s["wanted"][0]["colour"] != s["wanted"][1]["colour"]]
+    placed = reversed_ = both = 0
+    for s in asked:
+        by_colour = {}
+        for o in s["read"]["objects"]:  # largest first: the largest object of each colour stands for it
+            by_colour.setdefault(o["colour"], o)
+        a, b = (by_colour.get(w["colour"]) for w in s["wanted"])
+        if a is None or b is None:
+            continue
+        both += 1
+        placed += relation_true(s["relation"], a, b)
+        reversed_ += relation_true(s["relation"], b, a)
+    if asked:
+        out["objects2/colours_both_found"] = both / len(asked)
+    if both:
+        out["objects2/colours_placed"] = placed / both
+        out["objects2/colours_reversed"] = reversed_ / both
+    return out
