@@ -76,6 +76,53 @@ def test_within_size_finds_a_shape_code_that_depends_on_the_size(tmp_path, capsy
     assert "shape@size=small" in capsys.readouterr().out
 
 
+def write_pair_shard(path, n: int, seed: int) -> None:
+    """Two-object scenes of two different colours side by side: the image embedding holds the left object's
+    colour (one-hot + noise), the text embedding only which two colours the scene holds (a bag: no order)."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n + 20):
+            if i < 20:  # a few one-object scenes: the one-object probes still run beside the pair probes
+                objects = [{"shape": SHAPES[i % 3], "colour": colours[i % 4], "size": "large", "position": "left",
+                            "center": [0.2, 0.5]}]
+                image, text = rng.normal(size=16), rng.normal(size=16)
+            else:
+                a, b = rng.choice(len(colours), size=2, replace=False)
+                xs = rng.permutation([0.2, 0.8])
+                objects = [{"shape": "circle", "colour": colours[c], "size": "large", "position": "left",
+                            "center": [float(x), 0.5]} for c, x in zip((a, b), xs)]
+                left = a if xs[0] < xs[1] else b
+                image, text = rng.normal(size=16) * 0.3, rng.normal(size=16) * 0.3
+                image[left] += 2.0
+                text[a] += 2.0
+                text[b] += 2.0
+            relation = None if len(objects) == 1 else ("left of" if xs[0] < xs[1] else "right of")
+            attributes = {"background": "white", "objects": objects, "relation": relation}
+            members = {"json": json.dumps({"attributes": attributes}).encode(),
+                       "image_embed.npy": _npy(image.astype(np.float16)),
+                       "text_embed.npy": _npy(text.astype(np.float16))}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_two_object_probe_tells_a_bound_embedding_from_a_bag(tmp_path, capsys):
+    write_pair_shard(tmp_path / "train.tar", 800, seed=0)
+    write_pair_shard(tmp_path / "test.tar", 300, seed=1)
+    report = probe_report(str(tmp_path / "train.tar"), str(tmp_path / "test.tar"), two_objects=True)
+    row = report["colour@left"]
+    assert row["bag"] == 0.5 and row["test"] == 300  # two different colours: a bag can only guess between them
+    assert row["image_embed"] > 0.95  # it names the left object's colour
+    assert abs(row["text_embed"] - 0.5) < 0.1  # it knows both colours, not which is left
+    assert "shape@left" not in report  # one shape in every scene: nothing to probe
+    assert "colour@top" not in report  # every relation is horizontal: no scene states which object is higher
+    assert "shape" in report  # the one-object rows are still there
+    main(["--train", str(tmp_path / "train.tar"), "--test", str(tmp_path / "test.tar"), "--two-objects"])
+    assert "colour@left" in capsys.readouterr().out
+
+
 def test_shards_that_are_not_embedded_shapes_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no shards match"):
         read_embedded_shapes(str(tmp_path / "*.tar"))
