@@ -174,6 +174,9 @@ def test_two_object_breakdown_tells_swapped_colours_from_missing_objects(batches
     swapped.update(swapped_images, [metas[i] for i in two])
     assert swapped.breakdown()["objects2/colours_reversed"] >= 0.95, swapped.breakdown()
     assert swapped.breakdown()["objects2/colours_placed"] <= 0.05
+    for axis in ("left_right", "above_below"):  # the same per axis of the relation
+        assert swapped.breakdown()[f"objects2/colours_reversed_{axis}"] >= 0.95
+        assert breakdown[f"objects2/colours_placed_{axis}"] >= 0.98
     assert swapped.compute()["objects2/colour"] <= 0.2  # mostly wrong, as for any colour error: it cannot say why
 
     blank = ShapesEval()

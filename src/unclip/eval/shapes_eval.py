@@ -325,7 +325,8 @@ def two_object_breakdown(scenes: Sequence[dict]) -> dict[str, float]:
     ``objects2/colours_both_found``: fraction of scenes naming two different colours in which each is read
     on some object; among those, ``objects2/colours_placed`` (the relation holds between the objects of the
     two named colours: colour bound to place) and ``objects2/colours_reversed`` (it holds with the colours
-    exchanged: each colour drawn where the other was asked).
+    exchanged: each colour drawn where the other was asked), and both again per axis of the relation
+    (``_left_right``, ``_above_below``).
     """
     two = [s for s in scenes if len(s["wanted"]) == 2]
     out: dict[str, float] = {}
@@ -341,7 +342,7 @@ def two_object_breakdown(scenes: Sequence[dict]) -> dict[str, float]:
     out.update({f"objects2/relation_{k}": sum(v) / len(v) for k, v in sorted(kinds.items())})
     asked = [s for s in two if s.get("relation") and "colour" in s["stated"]
              and s["wanted"][0]["colour"] != s["wanted"][1]["colour"]]
-    placed = reversed_ = both = 0
+    tally: dict[str, list[int]] = {}  # axis -> [scenes with both colours read, placed, reversed]
     for s in asked:
         by_colour = {}
         for o in s["read"]["objects"]:  # largest first: the largest object of each colour stands for it
@@ -349,12 +350,15 @@ def two_object_breakdown(scenes: Sequence[dict]) -> dict[str, float]:
         a, b = (by_colour.get(w["colour"]) for w in s["wanted"])
         if a is None or b is None:
             continue
-        both += 1
-        placed += relation_true(s["relation"], a, b)
-        reversed_ += relation_true(s["relation"], b, a)
+        axis = "left_right" if s["relation"] in ("left of", "right of") else "above_below"
+        for key in ("", "_" + axis):
+            counts = tally.setdefault(key, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += relation_true(s["relation"], a, b)
+            counts[2] += relation_true(s["relation"], b, a)
     if asked:
-        out["objects2/colours_both_found"] = both / len(asked)
-    if both:
-        out["objects2/colours_placed"] = placed / both
-        out["objects2/colours_reversed"] = reversed_ / both
+        out["objects2/colours_both_found"] = tally.get("", [0])[0] / len(asked)
+    for key, (both, placed, reversed_) in sorted(tally.items()):
+        out[f"objects2/colours_placed{key}"] = placed / both
+        out[f"objects2/colours_reversed{key}"] = reversed_ / both
     return out
