@@ -394,6 +394,14 @@ def test_binding_test_scores_a_bag_of_words_clip_zero_and_an_order_aware_one_one
         out = shapes_binding(type("E", (), {"encode_text": staticmethod(encoder)}), ordered(captions)["text_embed"],
                              captions)
         assert out["swap_colour"] == expected and out["swap_shape"] == expected and out["swap_colour_n"] >= 10, out
+    assert out["swap_relation"] == 1.0 and out["swap_relation_n"] >= 10  # "left of" -> "right of" is told apart
+
+    def blind(captions):  # knows every word but the directions: a caption and its reversed relation tie
+        directions = {"left", "right", "above", "below", "over", "under", "beneath", "top", "bottom"}
+        return ordered([" ".join(w for w in re.findall("[a-z]+", c.lower()) if w not in directions) for c in captions])
+
+    out = shapes_binding(type("E", (), {"encode_text": staticmethod(blind)}), blind(captions)["text_embed"], captions)
+    assert out["swap_relation"] == 0.0 and out["swap_colour"] == 1.0
 
 
 def test_shapes_swap_groups_cover_the_caption_vocabulary():

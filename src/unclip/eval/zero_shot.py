@@ -10,8 +10,8 @@ classified by its marginal under the CLIP's caption distribution: with s_k = log
 averaged in embedding space, so the other attributes are marginalised out rather than blurred together).
 `zeroshot_all` counts images whose four attributes are all right. Two-object scenes are left out (a colour
 would be ambiguous there); `shapes_binding` tests them instead: does the image prefer its caption over the same
-caption with the two objects' colours (shapes, sizes) exchanged? A bag-of-words CLIP scores 0.5 there
-(Yuksekgonul et al. 2023, the attribution test of their ARO benchmark).
+caption with the two objects' colours (shapes, sizes) exchanged, or with their relation reversed? A bag-of-words
+CLIP scores 0.5 there (Yuksekgonul et al. 2023, the attribution and relation tests of their ARO benchmark).
 """
 
 from __future__ import annotations
@@ -86,24 +86,36 @@ def swap_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str
     {"text_embed": (K, D)}."""
     from unclip.data.text import swap_words
 
-    images = F.normalize(image_embed.float(), dim=-1)
     out: dict[str, float] = {}
     for name, classes in groups.items():
         pairs = [(i, n) for i, c in enumerate(captions) if (n := swap_words(c, classes)) is not None]
-        if not pairs:
-            continue
-        rows = torch.tensor([i for i, _ in pairs], device=images.device)
-        own = F.normalize(encoder.encode_text([captions[i] for i, _ in pairs])["text_embed"].float(), dim=-1)
-        swapped = F.normalize(encoder.encode_text([n for _, n in pairs])["text_embed"].float(), dim=-1)
-        picked = images.index_select(0, rows)
-        out[f"swap_{name}"] = ((picked * own.to(picked.device)).sum(-1)
-                               > (picked * swapped.to(picked.device)).sum(-1)).float().mean().item()
-        out[f"swap_{name}_n"] = float(len(pairs))
+        out.update(_prefers_own(encoder, image_embed, captions, pairs, f"swap_{name}"))
     return out
 
 
-def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
-    """`swap_binding` over the `shapes` vocabulary (`SWAP_GROUPS`): swap_colour, swap_shape, swap_size."""
-    from unclip.data.text import word_classes
+def _prefers_own(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str], pairs: list[tuple[int, str]],
+                 key: str) -> dict[str, float]:
+    """{key: fraction of (image i, negative caption) pairs where image i (a row of image_embed (N, D)) is closer
+    to captions[i] than to the negative, key_n: their number}; {} without pairs."""
+    if not pairs:
+        return {}
+    images = F.normalize(image_embed.float(), dim=-1)
+    rows = torch.tensor([i for i, _ in pairs], device=images.device)
+    own = F.normalize(encoder.encode_text([captions[i] for i, _ in pairs])["text_embed"].float(), dim=-1)
+    negative = F.normalize(encoder.encode_text([n for _, n in pairs])["text_embed"].float(), dim=-1)
+    picked = images.index_select(0, rows)
+    prefers = (picked * own.to(picked.device)).sum(-1) > (picked * negative.to(picked.device)).sum(-1)
+    return {key: prefers.float().mean().item(), f"{key}_n": float(len(pairs))}
 
-    return swap_binding(encoder, image_embed, captions, {k: word_classes(g) for k, g in SWAP_GROUPS.items()})
+
+def shapes_binding(encoder: Any, image_embed: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """`swap_binding` over the `shapes` vocabulary (`SWAP_GROUPS`): swap_colour, swap_shape, swap_size; and
+    swap_relation: two-object captions against their relation reversed ("a red star left of a blue circle" ->
+    "... right of ..."), which a CLIP that knows the two objects but not where each is scores 0.5 on."""
+    from unclip.data.shapes import parse_caption
+    from unclip.data.text import mirror_caption, spatial_axes, word_classes
+
+    out = swap_binding(encoder, image_embed, captions, {k: word_classes(g) for k, g in SWAP_GROUPS.items()})
+    pairs = [(i, mirror_caption(c, spatial_axes(c))) for i, c in enumerate(captions)
+             if spatial_axes(c) and len(parse_caption(c)["objects"]) == 2]
+    return out | _prefers_own(encoder, image_embed, captions, pairs, "swap_relation")
