@@ -250,6 +250,33 @@ def test_unet_null_conditioning():
     torch.testing.assert_close(no_text, image_only, rtol=1e-5, atol=1e-6)
 
 
+def test_text_encoder_is_bidirectional_masked_and_keeps_the_null_caption():
+    """text_encoder_layers: an earlier token's encoding takes in a later one (a causal tower's cannot); padding
+    (even NaN) reaches nothing; a dropped caption gives the same output as no caption, finite; it learns."""
+    net = perturb(UNet(**TINY_DECODER, text_encoder_layers=2)).eval()
+    inputs = decoder_inputs()
+    tokens, keep = net.text_token_proj(inputs["text_tokens"]), inputs["text_mask"]
+    encoded = net.encode_text(tokens, keep)
+    later = tokens.clone()
+    later[0, 3] += torch.randn(later.shape[-1])  # not a constant: LayerNorm would remove that
+    assert not torch.allclose(net.encode_text(later, keep)[0, 0], encoded[0, 0])  # token 0 sees token 3
+    out = run_unet(net, inputs)
+    padded = inputs["text_tokens"].clone()
+    padded[0, 4:] = float("nan")  # padding of sample 0
+    assert torch.equal(run_unet(net, inputs, text_tokens=padded), out)
+    drop = torch.ones(B, dtype=torch.bool)
+    dropped = run_unet(net, inputs, text_drop_mask=drop)
+    assert torch.isfinite(dropped).all()
+    torch.testing.assert_close(net(inputs["x_t"], inputs["t"], image_embed=inputs["image_embed"]), dropped,
+                               rtol=1e-5, atol=1e-6)
+    assert UNet(**TINY_DECODER).text_encoder is not None and len(UNet(**TINY_DECODER).text_encoder) == 0
+    with pytest.raises(ValueError, match="needs text_token_dim"):
+        UNet(**{**TINY_DECODER, "text_token_dim": None}, text_encoder_layers=1)
+    net.train()
+    run_unet(net, {**inputs, "text_drop_mask": torch.tensor([True, False, False])}).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.text_encoder.parameters())
+
+
 def test_unet_all_parameters_get_gradients():
     """DDP without find_unused_parameters needs every parameter in the graph, null embeddings included."""
     for cfg, inputs in ((TINY_DECODER, decoder_inputs()), (TINY_UPSAMPLER, upsampler_inputs())):
@@ -313,7 +340,7 @@ def all_nets():
         (UNet(**TINY_DECODER, coord_channels=True, text_pool=True, position_embedding=True), decoder_inputs(),
          run_unet),
         (UNet(**TINY_DECODER, patch_size=2), decoder_inputs(), run_unet),
-        (UNet(**TINY_DECODER, patch_size=2, image_embed_map=8), decoder_inputs(), run_unet),
+        (UNet(**TINY_DECODER, patch_size=2, image_embed_map=8, text_encoder_layers=1), decoder_inputs(), run_unet),
     ]
 
 

@@ -22,24 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from unclip.nets.layers import MLP, Attention, TimestepEmbedding, init_config
+from unclip.nets.layers import TimestepEmbedding, TransformerBlock, init_config
 
 NUM_EXTRA_TOKENS = 4  # text_embed, time_embed, x_t, query
-
-
-class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads, dropout=dropout)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), dropout=dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask=mask)
-        return x + self.mlp(self.ln_2(x))
 
 
 class PriorTransformer(nn.Module):
@@ -78,7 +63,7 @@ class PriorTransformer(nn.Module):
         # Unit-norm-scale start, like a CLIP embedding; learned from the dropped samples.
         self.null_text_embed = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
         self._init_weights(depth)

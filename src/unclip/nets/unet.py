@@ -11,7 +11,9 @@ One class serves both stages (Ramesh et al. 2022):
   the caption says, next to attention; `position_embedding` adds a learned map per input feature (the
   net then runs at its training size only); `image_embed_map` r also projects the image embedding to an
   r x r map of features added at the first level, as a generator's first layer turns its latent into a
-  coarse layout (DCGAN, Radford et al. 2016): what is drawn where, before any convolution has to place it.
+  coarse layout (DCGAN, Radford et al. 2016): what is drawn where, before any convolution has to place it;
+  `text_encoder_layers` n runs n bidirectional Transformer layers over the projected caption tokens, trained
+  with the UNet, as GLIDE's own text encoder is (its outputs are the context unCLIP's decoder attends to).
 - upsamplers (section 2.1, appendix C): no text, no attention; the low-resolution image is resized to the
   output size and concatenated to x_t on channels (`lowres_cond`), and the level of the noise that
   corrupted it in training is embedded like a timestep (`noise_level_cond`, Ho et al. 2021, "Cascaded
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unclip.nets.layers import Attention, TimestepEmbedding, group_norm, init_config, zero_module
+from unclip.nets.layers import Attention, TimestepEmbedding, TransformerBlock, group_norm, init_config, zero_module
 
 
 def conv_memory_format(device: torch.device | str) -> torch.memory_format:
@@ -197,6 +199,7 @@ class UNet(nn.Module):
         image_embed_map: int = 0,
         image_embed_map_hidden: int = 0,
         full_res_channels: int = 0,
+        text_encoder_layers: int = 0,
     ) -> None:
         super().__init__()
         self.config = init_config(locals())
@@ -238,6 +241,14 @@ class UNet(nn.Module):
             if use_attention and num_image_tokens > 0:
                 self.image_token_proj = nn.Linear(image_embed_dim, num_image_tokens * context_dim)
         self.text_token_proj = nn.Linear(text_token_dim, context_dim) if text_token_dim is not None else None
+        if text_encoder_layers and text_token_dim is None:
+            raise ValueError("text_encoder_layers encodes the caption tokens: it needs text_token_dim")
+        # GLIDE's text encoder, trained with the decoder (unCLIP section 2.1 concatenates its outputs with the
+        # image tokens): bidirectional layers over the projected caption tokens, so each token can take in the
+        # whole caption (a causal CLIP text tower's first object has not yet seen the relation that places it)
+        self.text_encoder = nn.ModuleList(
+            TransformerBlock(context_dim, max(1, context_dim // num_head_channels), 2.0, dropout)
+            for _ in range(text_encoder_layers))
         if text_pool and text_token_dim is None:
             raise ValueError("text_pool pools the caption tokens: it needs text_token_dim")
         self.text_pool_proj = nn.Linear(text_token_dim, emb_dim) if text_pool else None
@@ -403,7 +414,7 @@ class UNet(nn.Module):
             if keep is not None:
                 # Zero masked-out tokens so their values (even non-finite padding) cannot reach any output.
                 text_tokens = torch.where(keep[:, :, None], text_tokens, 0.0)  # (B, L, W)
-            context_parts.append(self.text_token_proj(text_tokens))  # (B, L, context_dim)
+            context_parts.append(self.encode_text(self.text_token_proj(text_tokens), keep))  # (B, L, context_dim)
             mask_parts.append(keep)
             if self.text_pool_proj is not None:  # the mean of the kept tokens (zero when all are dropped)
                 weights = keep.to(text_tokens.dtype) if keep is not None else text_tokens.new_ones(B, L)
@@ -458,6 +469,20 @@ class UNet(nn.Module):
         if self.head is not None:  # unfolded to (B, full_res_channels, H, W), joined with the stem
             return self.head_out(self._run(self.head, self.out(h) + stem, emb, None, None))
         return self.out(h)  # (B, out_channels, H, W): depth-to-space back to full size when p > 1
+
+    def encode_text(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The `text_encoder` layers over projected caption tokens (B, L, context_dim); keep (B, L) bool or None.
+        Kept tokens attend to kept tokens only; a caption with none kept (dropped) attends to all of its zeroed
+        tokens, which the context mask then hides from the UNet."""
+        if not len(self.text_encoder):
+            return tokens
+        mask = None
+        if keep is not None:
+            keys = keep | ~keep.any(1, keepdim=True)  # (B, L): no row without a key to attend to
+            mask = keys[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
+        for block in self.text_encoder:
+            tokens = block(tokens, mask)
+        return tokens
 
     def _run(self, block: CondSequential, h, emb, context, context_mask) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
