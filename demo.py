@@ -300,6 +300,8 @@ def main() -> None:
               "slower than the demo is sized for, and its figures will be lower than docs/RESULTS.md's")
     print(f"  samples     {out / 'samples' / 'grid.png'}  (one PNG + JSON per caption in {out / 'samples' / 'images'})")
     print(f"  metrics     {out / 'eval' / 'eval.md'}")
+    if (out / "eval" / "shapes_scenes.jsonl").is_file():
+        print(f"  per image   {out / 'eval' / 'shapes_scenes.jsonl'}  (caption, what ShapesEval read, each check)")
     print(f"  curves      {out / 'plots'}/loss.png, quality.png")
     print(f"  training    {out}/<stage>/samples/*.png (validation grids), <stage>/csv/ (curves), <stage>/train.log")
     print(f"  checkpoints {out}/<stage>/checkpoints/last.ckpt")

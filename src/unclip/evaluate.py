@@ -16,6 +16,7 @@ run repeats on the same device.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from unclip.generate import DECODER_DROP, SamplerConfig, sample_image_embeds, sa
 from unclip.pipeline import LoadedStage, check_clip_identity, clip_from_identity
 from unclip.sample import _given, build_pipeline, sampler_overrides, samplers_used
 from unclip.systems.prior import embedding_metrics
+from unclip.utils.atomic import atomic_write_text
 from unclip.utils.images import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -173,15 +175,14 @@ def _shapes_scores(shapes) -> dict[str, float]:
 
 def _write_scenes(out_dir: Path, judged: dict[str, Any]) -> dict[str, str]:
     """Each ShapesEval's per-image records as `<name>_scenes.jsonl` (caption, what was read, the checks):
-    the failures behind the accuracies, one line per image. Returns {name: path}."""
-    import json
-
+    the failures behind the accuracies, one line per image, written atomically as the report is. Returns
+    {name: path}."""
     paths = {}
     for name, shapes in judged.items():
         if shapes is not None and shapes.scenes:
             path = out_dir / f"{name}_scenes.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(scene) + "\n" for scene in shapes.scenes))
+            atomic_write_text(path, "".join(json.dumps(scene) + "\n" for scene in shapes.scenes))
             paths[name] = str(path)
     return paths
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from unclip.utils.atomic import atomic_write_text
 
 _RESERVED = ("title", "created_utc", "metrics")
 
@@ -29,21 +30,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write a temporary file in the same folder, then rename it over `path`: no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cell(value: Any) -> str:
@@ -82,7 +68,7 @@ def write_report(
         **extra,
     }
     json_path, md_path = out / "eval.json", out / "eval.md"
-    _atomic_write(json_path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
 
     lines = [f"# {title}", "", f"_{record['created_utc']}_", "", "| metric | value |", "|---|---|"]
     lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in metric_values.items()]
@@ -101,5 +87,5 @@ def write_report(
                 lines += [f"  - {k}: {_cell(v)}" for k, v in value.items()]
             else:
                 lines.append(f"- {key}: {_cell(value)}")
-    _atomic_write(md_path, "\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save"]
+__all__ = ["atomic_torch_save", "atomic_write_text"]
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -36,3 +37,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file in the same folder, then rename it over `path`: no reader sees half a
+    file (reports, records)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
