@@ -18,6 +18,16 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def add_sample(tar: tarfile.TarFile, i: int, attributes: dict, image: np.ndarray, text: np.ndarray) -> None:
+    """One embedded `shapes` sample as `python -m unclip.data.embed` writes it: json and both embeddings."""
+    members = {"json": json.dumps({"attributes": attributes}).encode(),
+               "image_embed.npy": _npy(image.astype(np.float16)), "text_embed.npy": _npy(text.astype(np.float16))}
+    for ext, data in members.items():
+        info = tarfile.TarInfo(f"{i:06d}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
 def write_shard(path, n: int, seed: int, two_object_every: int = 0, size_flips_shape: bool = False) -> None:
     """Samples whose image embedding encodes the shape linearly (one-hot + noise) and the position not at all;
     the text embedding encodes the position. `size_flips_shape`: half the samples are small, and their shape's
@@ -35,13 +45,7 @@ def write_shard(path, n: int, seed: int, two_object_every: int = 0, size_flips_s
             text[POSITIONS.index(pos)] += 2.0
             obj = {"shape": shape, "colour": colours[i % len(colours)], "size": size, "position": pos}
             objects = [obj, dict(obj)] if two_object_every and i % two_object_every == 0 else [obj]
-            members = {"json": json.dumps({"attributes": {"background": "white", "objects": objects}}).encode(),
-                       "image_embed.npy": _npy(image.astype(np.float16)),
-                       "text_embed.npy": _npy(text.astype(np.float16))}
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add_sample(tar, i, {"background": "white", "objects": objects}, image, text)
 
 
 def test_the_probe_reads_what_each_embedding_encodes(tmp_path, capsys):
@@ -98,14 +102,7 @@ def write_pair_shard(path, n: int, seed: int) -> None:
                 text[a] += 2.0
                 text[b] += 2.0
             relation = None if len(objects) == 1 else ("left of" if xs[0] < xs[1] else "right of")
-            attributes = {"background": "white", "objects": objects, "relation": relation}
-            members = {"json": json.dumps({"attributes": attributes}).encode(),
-                       "image_embed.npy": _npy(image.astype(np.float16)),
-                       "text_embed.npy": _npy(text.astype(np.float16))}
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            add_sample(tar, i, {"background": "white", "objects": objects, "relation": relation}, image, text)
 
 
 def test_two_object_probe_tells_a_bound_embedding_from_a_bag(tmp_path, capsys):
