@@ -88,6 +88,45 @@ PRESETS = {
     },
 }
 
+# The quality bars each preset is held to (issue 11 for the CPU presets; docs/RESULTS.md "The GPU quality bars"
+# for `shapes`): ShapesEval from captions alone, keys of evaluate.py's report -> the least figure that meets it.
+BARS = {
+    "cpu": {"shapes_indist_colour": 0.80, "shapes_indist_position": 0.60, "shapes_indist_background": 0.90,
+            "shapes_indist_shape": 0.40, "shapes_indist_all": 0.20, "shapes_heldout_colour": 0.60},
+    "cpu_study": {"shapes_indist_colour": 0.95, "shapes_indist_position": 0.85, "shapes_indist_shape": 0.75,
+                  "shapes_indist_size": 0.70, "shapes_indist_relation": 0.80, "shapes_indist_all": 0.50,
+                  "shapes_heldout_all": 0.30},
+    "shapes": {"shapes_indist_all": 0.80, "shapes_heldout_all": 0.50},
+}
+SCENE_KINDS = ("objects1", "objects2")  # evaluate.py's figures over one-object and two-object captions
+
+
+def check_bars(metrics: dict[str, float], bars: dict[str, float]) -> list[dict]:
+    """One row per bar: the figure, the bar, whether it is met, and the same attribute over one-object and two-
+    object captions (evaluate.py's `shapes_objects{1,2}_*`; None where a kind has no such figure, e.g. relation
+    for one object), so a shortfall shows which kind of scene holds it back. A figure missing from the report
+    counts as not met."""
+    rows = []
+    for key, bar in bars.items():
+        value = metrics.get(key)
+        attribute = key.split("_", 2)[2]
+        kinds = {kind: metrics.get(f"shapes_{kind}_{attribute}") for kind in SCENE_KINDS}
+        rows.append({"key": key, "value": value, "bar": bar, "met": value is not None and value >= bar, **kinds})
+    return rows
+
+
+def format_bars(rows: list[dict]) -> list[str]:
+    """The rows of `check_bars` as aligned text lines, a header first."""
+    def fig(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+    lines = [f"    {'figure':>24}  {'value':>6}  {'bar':>6}  {'':<14}  {'1 object':>8}  {'2 objects':>9}"]
+    for r in rows:
+        verdict = "met" if r["met"] else ("missing" if r["value"] is None else f"short {r['bar'] - r['value']:.3f}")
+        lines.append(f"    {r['key']:>24}  {fig(r['value']):>6}  {r['bar']:>6.2f}  {verdict:<14}  "
+                     f"{fig(r['objects1']):>8}  {fig(r['objects2']):>9}")
+    return lines
+
+
 FAST = {
     "train": ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
               "callbacks.model_checkpoint.every_n_train_steps=4"],
@@ -289,6 +328,8 @@ def main() -> None:
                "matmul_gflops": round(gflops, 1), "cpu_count": os.cpu_count(),
                "seconds": {k: round(v, 1) for k, v in times.items()}, "steps": steps, "target_steps": target,
                "metrics": report.get("metrics", report)}
+    bars = check_bars(summary["metrics"], BARS.get(args.preset, {}))
+    summary["bars"] = bars
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n" + "=" * 72)
     per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
@@ -310,6 +351,12 @@ def main() -> None:
     shown += [k for k in ("clip_score", "fd_clip", "fid", "is_mean") if k in metrics]
     for k in shown:
         print(f"    {k:>32}: {metrics[k]:.4f}")
+    if bars:
+        met = sum(r["met"] for r in bars)
+        print(f"  bars        {met} of {len(bars)} met (the preset's quality bars, docs/RESULTS.md; in summary.json)"
+              + ("; --fast checks the path, its figures are not the preset's" if args.fast else ""))
+        print("\n".join(format_bars(bars)))
+        print("    (the one- and two-object columns are over both splits)")
 
 
 if __name__ == "__main__":

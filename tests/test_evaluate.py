@@ -141,6 +141,12 @@ def test_the_demo_path_end_to_end(tmp_path, data_dir):
     overrides = (out / "decoder" / ".hydra" / "overrides.yaml").read_text()
     assert "data.precomputed=[image_embed,text_tokens,text_mask]" in overrides and "embed/train" in overrides
     assert "samples" in proc.stdout and str(out / "eval" / "eval.md") in proc.stdout
+    # the cpu preset's six bars, each judged against the fast run's own figures
+    bars = {r["key"]: r for r in summary["bars"]}
+    assert set(bars) == {"shapes_indist_colour", "shapes_indist_position", "shapes_indist_background",
+                         "shapes_indist_shape", "shapes_indist_all", "shapes_heldout_colour"}
+    assert all(r["value"] == summary["metrics"][k] and r["met"] == (r["value"] >= r["bar"]) for k, r in bars.items())
+    assert f"bars        {sum(r['met'] for r in bars.values())} of 6 met" in proc.stdout
 
 
 def test_evaluate_takes_one_shard_pattern_as_a_string(tiny_checkpoints, compose_cfg, tmp_path, data_dir):

@@ -58,3 +58,18 @@ def test_demo_train_overrides_scope_to_a_stage_and_budgets_are_checked():
     for bad in ("clip=90", "vae=00:00:01:30", "clip"):
         with pytest.raises(SystemExit):
             demo.parse_budgets(parser, [bad])
+
+
+def test_demo_bars_say_which_are_met_by_how_much_and_for_which_kind_of_scene():
+    metrics = {"shapes_indist_colour": 0.772, "shapes_objects1_colour": 0.965, "shapes_objects2_colour": 0.594,
+               "shapes_indist_relation": 0.85, "shapes_objects2_relation": 0.85}
+    bars = {"shapes_indist_colour": 0.95, "shapes_indist_relation": 0.80, "shapes_heldout_all": 0.30}
+    colour, relation, missing = demo.check_bars(metrics, bars)
+    assert colour == {"key": "shapes_indist_colour", "value": 0.772, "bar": 0.95, "met": False,
+                      "objects1": 0.965, "objects2": 0.594}
+    assert relation["met"] and relation["objects1"] is None and relation["objects2"] == 0.85
+    assert not missing["met"] and missing["value"] is None
+    lines = demo.format_bars([colour, relation, missing])
+    assert "short 0.178" in lines[1] and "0.965" in lines[1] and "0.594" in lines[1]
+    assert " met " in lines[2] and "missing" in lines[3]
+    assert set(demo.BARS) == set(demo.PRESETS)  # every preset is held to bars
