@@ -8,7 +8,7 @@ import torch
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import ddim_invert, guided_denoiser, make_scheduler, sample_loop
-from unclip.generate import SamplerConfig, rerank
+from unclip.generate import DECODER_DROP, SamplerConfig, rerank
 
 
 def oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
@@ -152,6 +152,34 @@ def test_guidance_batches_both_branches_on_the_same_x_t():
     assert drop.tolist() == [False] * 3 + [True] * 3
     assert torch.allclose(out, x + 3.0 * c)  # uncond + s * (cond - uncond)
     assert torch.allclose(guided_denoiser(net, {"c": c}, ["drop"], 1.0)(x, t), x + c)
+
+
+def test_nested_guidance_scales_each_condition_given_the_ones_before_it():
+    """Two conditions, an image term a and a caption term b that the net adds to x when kept: with scales
+    (s_i, s_t) the output is x + s_i a + s_t b (c_0 = x, c_1 = x + a, c_2 = x + a + b), from one forward of
+    three branches; equal scales are the two-branch rule."""
+    seen = []
+
+    def net(x, t, *, a, b, drop_a, drop_b):
+        seen.append((drop_a.tolist(), drop_b.tolist()))
+        return x + torch.where(drop_a[:, None], 0.0, a) + torch.where(drop_b[:, None], 0.0, b)
+
+    x, t = torch.randn(2, 3), torch.zeros(2, dtype=torch.long)
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    out = guided_denoiser(net, {"a": a, "b": b}, ["drop_a", "drop_b"], [2.0, 5.0])(x, t)
+    assert torch.allclose(out, x + 2.0 * a + 5.0 * b, atol=1e-5)
+    assert seen == [([False] * 4 + [True] * 2, [False] * 2 + [True] * 4)]  # [c_2; c_1; c_0] in one forward
+    seen.clear()
+    same = guided_denoiser(net, {"a": a, "b": b}, ["drop_a", "drop_b"], [3.0, 3.0])(x, t)
+    assert torch.allclose(same, x + 3.0 * (a + b), atol=1e-5) and len(seen[0][0]) == 4  # two branches
+    with pytest.raises(ValueError, match="one per drop mask"):
+        guided_denoiser(net, {"a": a, "b": b}, ["drop_a", "drop_b"], [1.0, 2.0, 3.0])
+    # the decoder's settings: text_scale guides the caption (last mask); without it one scale for both
+    sampler = SamplerConfig(cond_scale=2.0, text_scale=5.0)
+    assert sampler.guidance(DECODER_DROP) == [2.0, 5.0] and sampler.guidance(DECODER_DROP[:1]) == 2.0
+    assert SamplerConfig(cond_scale=2.0).guidance(DECODER_DROP) == 2.0
+    with pytest.raises(ValueError, match="must come last"):
+        sampler.guidance(DECODER_DROP[::-1])
 
 
 def test_ddim_inversion_reconstructs_with_a_perfect_denoiser():

@@ -129,7 +129,8 @@ def test_sample_script_writes_images_sidecars_and_a_grid(tiny_checkpoints, compo
     cfg = compose_cfg("sample", [
         f"pipeline.prior={tiny_checkpoints['prior']}", f"pipeline.decoder={tiny_checkpoints['decoder']}",
         f"pipeline.upsamplers=[{tiny_checkpoints['upsampler']}]", "prior_sampler.num_steps=3",
-        "decoder_sampler.num_steps=3", "upsampler_samplers=[{num_steps: 2}]", "seed=10",
+        "decoder_sampler.num_steps=3", "decoder_sampler.text_scale=4", "upsampler_samplers=[{num_steps: 2}]",
+        "seed=10",
     ], tmp_path / "run")
     cfg.prompts = prompts
     result = sample(cfg)
@@ -143,6 +144,7 @@ def test_sample_script_writes_images_sidecars_and_a_grid(tiny_checkpoints, compo
         assert set(record["checkpoints"]) == {"prior", "decoder", "upsampler"}
         assert len(record["checkpoints"]["decoder"]["sha256"]) == 64
         assert record["settings"]["samplers"]["decoder"]["num_steps"] == 3
+        assert record["settings"]["samplers"]["decoder"]["text_scale"] == 4
     long = [json.loads(p.with_suffix(".json").read_text()) for p in pngs]
     assert [r["truncated"] for r in sorted(long, key=lambda r: r["index"])] == [False, False, False, True]
     assert [r["seed"] for r in sorted(long, key=lambda r: r["index"])] == [10, 11, 12, 13]
@@ -150,6 +152,26 @@ def test_sample_script_writes_images_sidecars_and_a_grid(tiny_checkpoints, compo
     from PIL import Image
 
     assert Image.open(pngs[0]).size == (64, 64)
+
+
+def test_the_captions_own_guidance_scale_changes_only_the_decoder(pipe):
+    """decoder_sampler.text_scale: equal to cond_scale it is the one-scale rule; otherwise the caption is guided
+    apart from the image embedding (three branches), and the prior's embedding is untouched."""
+    assert pipe.decoder.meta["system"]["use_text"]
+
+    def run(**decoder):
+        return pipe.text_to_image(PROMPTS, [0, 1], prior_sampler={"num_steps": 4}, stop_at="decoder",
+                                  decoder_sampler={"num_steps": 4, "cond_scale": 3.0, **decoder})
+
+    batches = []
+    hook = pipe.decoder.net.register_forward_hook(lambda net, args, out: batches.append(args[0].shape[0]))
+    try:
+        plain, same, apart = run(), run(text_scale=3.0), run(text_scale=8.0)
+    finally:
+        hook.remove()
+    assert batches == [4] * 4 + [4] * 4 + [6] * 4  # 2 captions: [cond; uncond], then [both; image only; none]
+    assert torch.allclose(same["decoder"], plain["decoder"], atol=1e-5)
+    assert torch.equal(apart["image_embed"], plain["image_embed"])
 
 
 def test_sample_script_rejects_empty_prompts(tiny_checkpoints, compose_cfg, tmp_path):

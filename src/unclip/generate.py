@@ -37,7 +37,9 @@ class SamplerConfig:
 
     name: scheduler ("ddim", "ddpm", "dpmpp", "unipc" or "diffusers.<Class>"); num_steps: scheduler steps;
     eta: DDIM noise (0 = deterministic); cond_scale: classifier-free guidance scale (1 = no guidance);
-    thresholding: x_0 thresholding for images ("none", "static", "dynamic").
+    thresholding: x_0 thresholding for images ("none", "static", "dynamic"); text_scale (decoder): the caption's
+    own guidance scale given the image embedding, with cond_scale then the image embedding's (nested guidance,
+    `guided_denoiser`); None: one scale for both, as the paper samples.
     """
 
     name: str = "ddim"
@@ -45,6 +47,7 @@ class SamplerConfig:
     eta: float = 0.0
     cond_scale: float = 1.0
     thresholding: str = "none"
+    text_scale: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -56,6 +59,16 @@ class SamplerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def guidance(self, drop_mask_names: Sequence[str]) -> float | list[float]:
+        """The guidance scale(s) for `guided_denoiser`: cond_scale, or with text_scale set and the caption's
+        mask ("text_drop_mask") last of several, cond_scale for the others and text_scale for the caption."""
+        if self.text_scale is None or len(drop_mask_names) < 2:
+            return self.cond_scale
+        if drop_mask_names[-1] != "text_drop_mask":
+            raise ValueError(f"text_scale guides the caption given the other conditions: its mask must come last, "
+                             f"got {list(drop_mask_names)}")
+        return [self.cond_scale] * (len(drop_mask_names) - 1) + [self.text_scale]
 
     def scheduler(self, diffusion: GaussianDiffusion):
         steps, total = int(self.num_steps), diffusion.num_timesteps
@@ -164,7 +177,7 @@ def sample_images(
     if x_T is not None:
         device = x_T.device
     gens = make_generators(seeds, device) if seeds is not None else generator
-    denoise = diffusion.as_prediction(guided_denoiser(net, cond, drop_mask_names, sampler.cond_scale))
+    denoise = diffusion.as_prediction(guided_denoiser(net, cond, drop_mask_names, sampler.guidance(drop_mask_names)))
     x = sample_loop(denoise, shape, sampler.scheduler(diffusion), sampler.num_steps, generator=gens,
                     device=device, x_T=x_T, eta=sampler.eta, progress=progress, desc=desc)
     return x.clamp(-value_range, value_range)

@@ -91,42 +91,61 @@ def guided_denoiser(
     net: Callable[..., torch.Tensor],
     cond: dict[str, Any],
     drop_mask_names: Sequence[str],
-    cond_scale: float = 1.0,
+    cond_scale: float | Sequence[float] = 1.0,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022): out = uncond + s * (cond - uncond).
 
     Both branches see the same x_t and run as ONE batched forward: inputs are stacked [cond; uncond] along the
     batch and every drop mask in `drop_mask_names` is False for the first half and True for the second. With
     cond_scale == 1 only the conditional branch runs. Returns a function (x_t (B, ...), t (B,)) -> (B, ...).
+
+    cond_scale may also be one scale per drop mask, s_1..s_K: nested guidance, each condition guided given the
+    ones before it (Brooks et al. 2023, "InstructPix2Pix", eq. 3): with c_k the net given conditions 1..k (c_0
+    nothing), out = c_0 + sum_k s_k (c_k - c_{k-1}), K + 1 branches in one forward. Equal scales are the
+    single-scale rule (the sum telescopes) and run as it does. For the decoder (image, caption): how strongly
+    the caption is followed beyond what the image embedding already says.
     """
-    if cond_scale == 1.0:
+    scales = [float(s) for s in cond_scale] if isinstance(cond_scale, Sequence) else [float(cond_scale)]
+    if len(scales) > 1 and len(scales) != len(drop_mask_names):
+        raise ValueError(f"{len(scales)} guidance scales for the drop masks {list(drop_mask_names)}: give one "
+                         "scale, or one per drop mask")
+    if len(set(scales)) == 1:
+        scales = scales[:1]
+    if scales == [1.0]:
         return conditioned(net, cond)
+    n_branches = len(scales) + 1  # [c_K; ...; c_0]; with one scale [cond; uncond]
 
-    def doubled(v: Any) -> Any:
-        return torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
+    def repeated(v: Any) -> Any:
+        return torch.cat([v] * n_branches) if isinstance(v, torch.Tensor) else v
 
-    cond2 = {k: doubled(v) for k, v in cond.items() if k not in drop_mask_names}
+    cond_n = {k: repeated(v) for k, v in cond.items() if k not in drop_mask_names}
     stacked: dict[tuple[int, torch.device], Denoiser] = {}
 
     def branches(b: int, device: torch.device) -> Denoiser:
-        """The net on [cond; uncond] conditioning for batch b, built once per (b, device)."""
+        """The net on [c_K; ...; c_0] conditioning for batch b, built once per (b, device): branch j of the
+        stack drops the last j masks (all of them with one scale, in the uncond half)."""
         if (b, device) not in stacked:
             keep = torch.zeros(b, dtype=torch.bool, device=device)
             masks = {}
-            for name in drop_mask_names:
+            for i, name in enumerate(drop_mask_names):
                 given = cond.get(name)
                 first = keep if given is None else given.to(device=device, dtype=torch.bool)
-                masks[name] = torch.cat([first, ~keep])
-            stacked[(b, device)] = conditioned(net, {**cond2, **masks})
+                kept_until = n_branches - 1 - i if len(scales) > 1 else 1  # branches 0..kept_until-1 keep it
+                masks[name] = torch.cat([first if j < kept_until else ~keep for j in range(n_branches)])
+            stacked[(b, device)] = conditioned(net, {**cond_n, **masks})
         return stacked[(b, device)]
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = branches(x.shape[0], x.device)(torch.cat([x, x]), torch.cat([t, t]))
-        c, u = out.float().chunk(2)  # the extrapolation in fp32, whatever the autocast dtype
-        if has_variance(c, x):  # learned variance: guide the mean, keep the conditional branch's variance
-            (c, variance), u = c.chunk(2, dim=1), u.chunk(2, dim=1)[0]
-            return torch.cat([u + cond_scale * (c - u), variance], dim=1)
-        return u + cond_scale * (c - u)
+        out = branches(x.shape[0], x.device)(torch.cat([x] * n_branches), torch.cat([t] * n_branches))
+        outs = out.float().chunk(n_branches)[::-1]  # c_0 .. c_K; the extrapolation in fp32, whatever the autocast
+        variance = None
+        if has_variance(outs[-1], x):  # learned variance: guide the mean, keep the conditional branch's variance
+            variance = outs[-1].chunk(2, dim=1)[1]
+            outs = [o.chunk(2, dim=1)[0] for o in outs]
+        guided = outs[0]
+        for k, s in enumerate(scales, start=1):
+            guided = guided + s * (outs[k] - outs[k - 1])
+        return guided if variance is None else torch.cat([guided, variance], dim=1)
 
     return denoise
 
