@@ -64,6 +64,7 @@ POSITIONS: tuple[str, ...] = (  # row-major 3x3 grid: index = 3 * row + col
     "top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"
 )
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+HORIZONTAL_RELATIONS: tuple[str, ...] = ("left of", "right of")  # the rest are vertical (above, below)
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (  # (colour, shape); each colour and shape at most once
     ("red", "square"), ("orange", "star"), ("yellow", "circle"),
     ("green", "triangle"), ("blue", "cross"), ("purple", "diamond"),
@@ -129,7 +130,7 @@ def _uniform(rng: random.Random, low: float, high: float) -> float:
 
 def relation_holds(relation: str, a: dict, b: dict) -> bool:
     """Whether ``a`` is `relation` ``b`` on the grid (objects as dicts with ``row`` and ``col``)."""
-    if relation in ("left of", "right of"):
+    if relation in HORIZONTAL_RELATIONS:
         return a["col"] < b["col"] if relation == "left of" else a["col"] > b["col"]
     return a["row"] < b["row"] if relation == "above" else a["row"] > b["row"]
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unclip.data.shapes import HORIZONTAL_RELATIONS
+
 PROBED: tuple[str, ...] = ("shape", "colour", "position", "size", "background")
 PAIR_PROBED: tuple[str, ...] = ("colour@left", "colour@top", "shape@left", "shape@top")
 EMBEDDINGS: tuple[str, ...] = ("image_embed", "text_embed")
@@ -84,7 +86,7 @@ def read_embedded_shapes(pattern: str, objects: int = 1) -> tuple[dict[str, torc
         else:
             # the left object where the relation is horizontal, the upper one where it is vertical: the order
             # the caption states (on the other axis the two objects' order is free, and no caption says it)
-            horizontal = attributes.get("relation") in ("left of", "right of")
+            horizontal = attributes.get("relation") in HORIZONTAL_RELATIONS
             first = min(scene, key=lambda o: o["center"][0 if horizontal else 1])
             row = {}
             for attribute in ("colour", "shape"):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from unclip.data.shapes import HELDOUT_PAIRS, POSITIONS, SIZES, parse_caption
+from unclip.data.shapes import HELDOUT_PAIRS, HORIZONTAL_RELATIONS, POSITIONS, SIZES, parse_caption
 from unclip.data.shapes_render import BACKGROUNDS, COLOURS, SHAPES, coverage, shape_moments
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background; the weakest object contrast is ~100
@@ -350,7 +350,7 @@ def two_object_breakdown(scenes: Sequence[dict]) -> dict[str, float]:
         a, b = (by_colour.get(w["colour"]) for w in s["wanted"])
         if a is None or b is None:
             continue
-        axis = "left_right" if s["relation"] in ("left of", "right of") else "above_below"
+        axis = "left_right" if s["relation"] in HORIZONTAL_RELATIONS else "above_below"
         for key in ("", "_" + axis):
             counts = tally.setdefault(key, [0, 0, 0])
             counts[0] += 1
