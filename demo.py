@@ -108,7 +108,7 @@ def check_bars(metrics: dict[str, float], bars: dict[str, float]) -> list[dict]:
     counts as not met."""
     rows = []
     for key, bar in bars.items():
-        value = metrics.get(key)
+        value = metrics.get(key)  # None: absent from the report, or null there (not computable)
         attribute = key.split("_", 2)[2]
         kinds = {kind: metrics.get(f"shapes_{kind}_{attribute}") for kind in SCENE_KINDS}
         rows.append({"key": key, "value": value, "bar": bar, "met": value is not None and value >= bar, **kinds})
@@ -349,8 +349,8 @@ def main() -> None:
     metrics = summary["metrics"]
     shown = [k for k in sorted(metrics) if k.startswith("shapes_") and "_decoder_" not in k]
     shown += [k for k in ("clip_score", "fd_clip", "fid", "is_mean") if k in metrics]
-    for k in shown:
-        print(f"    {k:>32}: {metrics[k]:.4f}")
+    for k in shown:  # a metric that could not be computed is null in eval.json
+        print(f"    {k:>32}: " + ("n/a" if metrics[k] is None else f"{metrics[k]:.4f}"))
     if bars:
         met = sum(r["met"] for r in bars)
         print(f"  bars        {met} of {len(bars)} met (the preset's quality bars, docs/RESULTS.md; in summary.json)"

@@ -176,8 +176,9 @@ def test_nested_guidance_scales_each_condition_given_the_ones_before_it():
         guided_denoiser(net, {"a": a, "b": b}, ["drop_a", "drop_b"], [1.0, 2.0, 3.0])
     # the decoder's settings: text_scale guides the caption (last mask); without it one scale for both
     sampler = SamplerConfig(cond_scale=2.0, text_scale=5.0)
-    assert sampler.guidance(DECODER_DROP) == [2.0, 5.0] and sampler.guidance(DECODER_DROP[:1]) == 2.0
-    assert SamplerConfig(cond_scale=2.0).guidance(DECODER_DROP) == 2.0
+    assert sampler.guidance(DECODER_DROP) == [2.0, 5.0] and SamplerConfig(cond_scale=2.0).guidance(DECODER_DROP) == 2.0
+    with pytest.raises(ValueError, match="samples without one"):  # a decoder without caption conditioning
+        sampler.guidance(DECODER_DROP[:1])
     with pytest.raises(ValueError, match="must come last"):
         sampler.guidance(DECODER_DROP[::-1])
 

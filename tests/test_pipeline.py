@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from unclip.generate import SamplerConfig
 from unclip.pipeline import UnCLIPPipeline, slerp
 from unclip.sample import safe_filename, sample
 
@@ -191,7 +192,8 @@ def test_sample_script_manipulation_modes(mode, pipe, tiny_checkpoints, compose_
                  f"mode={mode}", "decoder_sampler.num_steps=3"]
     overrides += {
         "variations": [f"images=[{paths[0]},{paths[1]}]", "variations.num=2"],
-        "interpolate": [f"interpolate.start={paths[0]}", "interpolate.end='a blue square'", "interpolate.num_frames=3"],
+        "interpolate": [f"interpolate.start={paths[0]}", "interpolate.end='a blue square'", "interpolate.num_frames=3",
+                        "prior_sampler.num_steps=2", "num_candidates=3"],
         "text_diff": [f"text_diff.image={paths[0]}", "text_diff.source='a red circle'",
                       "text_diff.target='a blue circle'", "text_diff.thetas=[0.0,0.5]"],
     }[mode]
@@ -203,3 +205,27 @@ def test_sample_script_manipulation_modes(mode, pipe, tiny_checkpoints, compose_
     assert (tmp_path / "run" / "grid.png").is_file()
     record = json.loads(pngs[0].with_suffix(".json").read_text())
     assert record["mode"] == mode and "decoder" in record["checkpoints"]
+    assert record["decoder_sampler"]["name"] == "ddim" and record["decoder_sampler"]["num_steps"] == 3
+    if mode == "interpolate":  # the prompt end is the prior's draw, with the settings given and recorded
+        assert record["prior_sampler"]["num_steps"] == 2 and record["num_candidates"] == 3
+    else:
+        assert "prior_sampler" not in record
+        with pytest.raises(ValueError, match="does not run the prior"):
+            sample(compose_cfg("sample", [*overrides, "prior_sampler.num_steps=2"], tmp_path / "r2"))
+    # settings these modes cannot honour are refused, not silently dropped
+    for bad in ("decoder_sampler.text_scale=5", "decoder_sampler.name=dpmpp", "decoder_sampler.thresholding=none"):
+        with pytest.raises(ValueError, match="unset decoder_sampler"):
+            sample(compose_cfg("sample", [*overrides, bad], tmp_path / "r3"))
+
+
+def test_sampler_settings_are_checked_before_any_sampling(pipe):
+    for key, value in [("cond_scale", "10"), ("cond_scale", float("nan")), ("text_scale", float("inf")),
+                       ("text_scale", True), ("text_scale", [1, 2]), ("eta", None)]:
+        with pytest.raises(ValueError, match=f"sampler {key} must be a finite number"):
+            SamplerConfig(**{key: value})
+    with pytest.raises(ValueError, match="num_steps"):
+        SamplerConfig(num_steps=0)
+    assert SamplerConfig(cond_scale=2, text_scale=5).to_dict()["cond_scale"] == 2.0
+    # a caption scale for a stage that has no caption branch: refused by name, before the prior has run
+    with pytest.raises(ValueError, match="text_scale guides the caption"):
+        pipe.text_to_image(PROMPTS, [0, 1], prior_sampler={"num_steps": 2, "text_scale": 4.0})

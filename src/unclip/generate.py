@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,6 +51,18 @@ class SamplerConfig:
     text_scale: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Scales and eta must be finite numbers (a quoted '10' or nan is refused here, before any sampling)."""
+        for key in ("cond_scale", "eta", "text_scale"):
+            value = getattr(self, key)
+            if value is None and key == "text_scale":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"sampler {key} must be a finite number, got {value!r}")
+            setattr(self, key, float(value))
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"sampler num_steps must be a whole number >= 1, got {self.num_steps!r}")
+
     @classmethod
     def from_any(cls, value: SamplerConfig | dict[str, Any] | None, **defaults: Any) -> SamplerConfig:
         if isinstance(value, SamplerConfig):
@@ -63,8 +76,13 @@ class SamplerConfig:
     def guidance(self, drop_mask_names: Sequence[str]) -> float | list[float]:
         """The guidance scale(s) for `guided_denoiser`: cond_scale, or with text_scale set and the caption's
         mask ("text_drop_mask") last of several, cond_scale for the others and text_scale for the caption."""
-        if self.text_scale is None or len(drop_mask_names) < 2:
+        if self.text_scale is None:
             return self.cond_scale
+        if "text_drop_mask" not in drop_mask_names:
+            raise ValueError(f"text_scale guides the caption, but this stage samples without one (its guidance drops "
+                             f"{list(drop_mask_names)}): unset text_scale")
+        if len(drop_mask_names) < 2:
+            return self.text_scale
         if drop_mask_names[-1] != "text_drop_mask":
             raise ValueError(f"text_scale guides the caption given the other conditions: its mask must come last, "
                              f"got {list(drop_mask_names)}")
@@ -121,7 +139,7 @@ def sample_image_embeds(
     if seeds is not None:
         per_caption = make_generators(seeds, device)
         gens = [g for g in per_caption for _ in range(n)]
-    denoise = diffusion.as_prediction(guided_denoiser(net, cond, PRIOR_DROP, sampler.cond_scale))
+    denoise = diffusion.as_prediction(guided_denoiser(net, cond, PRIOR_DROP, sampler.guidance(PRIOR_DROP)))
     x0 = sample_loop(denoise, (b * n, normalizer.embed_dim), sampler.scheduler(diffusion), sampler.num_steps,
                      generator=gens if gens is not None else generator, device=device, eta=sampler.eta,
                      progress=progress, desc="prior")

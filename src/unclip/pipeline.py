@@ -31,7 +31,7 @@ from unclip.clip.encoder import ClipEncoder
 from unclip.diffusion.embed_norm import EmbedNormalizer
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import ddim_invert, guided_denoiser
-from unclip.generate import SamplerConfig, sample_image_embeds, sample_images, upsample_images
+from unclip.generate import PRIOR_DROP, SamplerConfig, sample_image_embeds, sample_images, upsample_images
 from unclip.nets.unet import UNet, conv_memory_format
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,9 @@ class UnCLIPPipeline:
         the pipeline has one), "decoder" and each upsampler's name; `upsampler_samplers` is in upsampler order."""
         out = {"prior": SamplerConfig.from_any(prior_sampler, **self.prior.sampler.to_dict())} if self.prior else {}
         out["decoder"] = SamplerConfig.from_any(decoder_sampler, **self.decoder.sampler.to_dict())
+        if "prior" in out:
+            out["prior"].guidance(PRIOR_DROP)  # settings a stage cannot honour are refused before any sampling
+        out["decoder"].guidance(self._drops())
         given = list(upsampler_samplers) + [None] * len(self.upsamplers)
         for u, stage in zip(given, self.upsamplers):
             out[stage.name] = SamplerConfig.from_any(u, **stage.sampler.to_dict())
@@ -373,13 +376,15 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def interpolate(self, a: torch.Tensor | str, b: torch.Tensor | str, num_frames: int = 8, seed: int = 0,
                     num_steps: int | None = None, cond_scale: float | None = None,
-                    progress: bool = False) -> dict[str, torch.Tensor]:
+                    progress: bool = False, prior_sampler: SamplerConfig | None = None,
+                    num_candidates: int | None = None) -> dict[str, torch.Tensor]:
         """Frames between two images (3, H, W) or two prompts: slerp of their image embeddings, decoder noise
         fixed (sec. 3.2). Returns {"image_embed": (F, D), "images": (F, 3, h, w)}; frame 0 and frame F-1
-        carry exactly the two inputs' embeddings."""
+        carry exactly the two inputs' embeddings. A prompt's embedding is the prior's (`prior_sampler` and
+        `num_candidates`: as `sample_prior`)."""
         if num_frames < 2:
             raise ValueError(f"an interpolation needs at least 2 frames (its two ends), got {num_frames}")
-        za, zb = (self._embed_of(x, seed) for x in (a, b))
+        za, zb = (self._embed_of(x, seed, prior_sampler, num_candidates) for x in (a, b))
         weights = torch.linspace(0, 1, num_frames, device=self.device)
         z = torch.stack([slerp(za, zb, w) for w in weights])
         z[0], z[-1] = za, zb
@@ -390,10 +395,11 @@ class UnCLIPPipeline:
                              progress=progress)
         return {"image_embed": z.cpu(), "images": images.cpu()}
 
-    def _embed_of(self, x: torch.Tensor | str, seed: int) -> torch.Tensor:
+    def _embed_of(self, x: torch.Tensor | str, seed: int, sampler: SamplerConfig | None = None,
+                  num_candidates: int | None = None) -> torch.Tensor:
         if isinstance(x, str):
             text = {k: v.to(self.device) for k, v in self.encode_text([x]).items()}
-            return self.sample_prior(text, [seed])[0]
+            return self.sample_prior(text, [seed], sampler, num_candidates)[0]
         return self.image_embeds(x[None] if x.ndim == 3 else x)[0]
 
     @torch.no_grad()

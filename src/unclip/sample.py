@@ -192,10 +192,18 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
     # the manipulations decode with DDIM; steps and guidance from decoder_sampler (else the decoder's defaults;
     # text diffs default to guidance 1, like the inversion they start from)
     given = _given(cfg.decoder_sampler)
+    unused = sorted(set(given) - {"num_steps", "cond_scale"})
+    if unused:
+        raise ValueError(f"mode={cfg.mode} decodes with DDIM from image embeddings alone (no caption tokens): of "
+                         f"decoder_sampler it takes num_steps and cond_scale; unset decoder_sampler.{unused[0]}")
+    prior_given = _given(cfg.prior_sampler)
+    if cfg.mode != "interpolate" and (prior_given or cfg.num_candidates is not None):
+        raise ValueError(f"mode={cfg.mode} does not run the prior: unset prior_sampler and num_candidates")
     steps, scale = given.get("num_steps"), given.get("cond_scale")
     default_scale = 1.0 if cfg.mode == "text_diff" else pipe.decoder.sampler.cond_scale
     decoder_sampler = {"name": "ddim", "num_steps": steps or pipe.decoder.sampler.num_steps,
                        "cond_scale": default_scale if scale is None else scale}
+    settings = {"decoder_sampler": decoder_sampler}
     if cfg.mode == "variations":
         if not cfg.images:
             raise ValueError("variations need input images: images=[path, ...]")
@@ -213,8 +221,15 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
         start, end = cfg.interpolate.start, cfg.interpolate.end
         if not start or not end:
             raise ValueError("interpolation needs interpolate.start and interpolate.end (prompts or image files)")
-        out = pipe.interpolate(_input(start, pipe), _input(end, pipe), int(cfg.interpolate.num_frames),
-                               seed=int(cfg.seed), num_steps=steps, cond_scale=scale, progress=True)
+        ends = [_input(start, pipe), _input(end, pipe)]
+        prior_sampler = num_candidates = None
+        if pipe.prior is not None and any(isinstance(e, str) for e in ends):  # a prompt end is the prior's draw
+            prior_sampler = pipe.resolve_samplers(prior_sampler=prior_given)["prior"]
+            num_candidates = cfg.num_candidates or pipe.prior.meta["system"].get("num_candidates", 2)
+            settings.update(prior_sampler=prior_sampler.to_dict(), num_candidates=int(num_candidates))
+        out = pipe.interpolate(*ends, int(cfg.interpolate.num_frames), seed=int(cfg.seed), num_steps=steps,
+                               cond_scale=scale, progress=True, prior_sampler=prior_sampler,
+                               num_candidates=num_candidates)
         rows.append(out["images"])
         for j, img in enumerate(out["images"]):
             records.append((f"frame{j:02d}", img, {"start": start, "end": end, "frame": j}))
@@ -234,7 +249,7 @@ def _manipulation(cfg, pipe: UnCLIPPipeline, images_dir: Path, out_dir: Path, co
     for i, (name, img, extra) in enumerate(records):
         fname = safe_filename(name, i, int(cfg.max_filename_chars), suffix="")
         path = save_png(to_uint8(img), safe_path(images_dir, fname + ".png"))
-        record = {**common, **extra, "seed": int(cfg.seed), "image": path.name, "decoder_sampler": decoder_sampler}
+        record = {**common, **extra, "seed": int(cfg.seed), "image": path.name, **settings}
         _sidecar(safe_path(images_dir, fname + ".json"), record)
         files.append(path)
     grid_path = save_png(grid(rows), out_dir / "grid.png")

@@ -105,7 +105,7 @@ def guided_denoiser(
     single-scale rule (the sum telescopes) and run as it does. For the decoder (image, caption): how strongly
     the caption is followed beyond what the image embedding already says.
     """
-    scales = [float(s) for s in cond_scale] if isinstance(cond_scale, Sequence) else [float(cond_scale)]
+    scales = [float(s) for s in cond_scale] if isinstance(cond_scale, (list, tuple)) else [float(cond_scale)]
     if len(scales) > 1 and len(scales) != len(drop_mask_names):
         raise ValueError(f"{len(scales)} guidance scales for the drop masks {list(drop_mask_names)}: give one "
                          "scale, or one per drop mask")
