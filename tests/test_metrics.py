@@ -210,6 +210,27 @@ def test_fd_clip_on_encoder_features() -> None:
     assert abs(same.compute()["fd_clip"]) < 1e-6 and other.compute()["fd_clip"] > 1.0
 
 
+def test_nonfinite_generated_images_are_left_out_and_counted() -> None:
+    """A diverged sample (NaN pixels) must not turn every image metric into NaN or crash the Frechet distance
+    after a whole evaluation: it is left out, counted and reported."""
+    names = ["red", "green", "blue"] * 4
+    real = coloured(names) + 0.1 * smooth_images(12, seed=0, size=16)
+    clean, broken = (ImageMetrics(["fd_clip", "clip_score"], encoder=StubEncoder()) for _ in range(2))
+    fake = real.clone()
+    bad = torch.cat([fake, torch.full_like(fake[:3], float("nan"))])
+    captions = [f"a {n}" for n in names]
+    for m, images, caps in ((clean, fake, captions), (broken, bad, captions + ["a red"] * 3)):
+        m.update_real(real)
+        m.update_fake(images, caps)
+    assert broken.compute() == pytest.approx(clean.compute())
+    assert broken.num_fake_nonfinite == 3 and broken.metadata()["num_fake_nonfinite"] == 3
+    assert broken.num_fake == 12
+    all_bad = ImageMetrics(["fd_clip"], encoder=StubEncoder())
+    all_bad.update_real(real)
+    all_bad.update_fake(torch.full_like(fake, float("nan")))
+    assert "fd_clip" not in all_bad.compute() and "fd_clip" in all_bad.metadata()["unavailable"]
+
+
 # ---------------------------------------------------------------------- offline Inception weights
 def test_missing_inception_weights_are_reported_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_network: None

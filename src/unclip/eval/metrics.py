@@ -256,6 +256,7 @@ class ImageMetrics:
         self.kid_subsets, self.kid_subset_size, self.is_splits = kid_subsets, kid_subset_size, is_splits
         self.num_real = 0
         self.num_fake = 0
+        self.num_fake_nonfinite = 0  # generated images with NaN / inf pixels: left out of every metric, counted
         self.unavailable: dict[str, str] = {}
         self._static_unavailable: dict[str, str] = {}
         self._metrics: dict[str, Metric] = {}
@@ -366,13 +367,25 @@ class ImageMetrics:
         self.num_real += images.shape[0]
 
     def update_fake(self, images: Tensor, captions: Sequence[str] | None = None) -> None:
-        """Generated images, float (B, 3, H, W) in [-1, 1], with their captions (needed by clip_score)."""
+        """Generated images, float (B, 3, H, W) in [-1, 1], with their captions (needed by clip_score). Images
+        with non-finite pixels (a diverged sampler) are left out and counted (`num_fake_nonfinite`)."""
         self._check_images(images)
         if "clip_score" in self._metrics and (captions is None or len(captions) != images.shape[0]):
             got = "none" if captions is None else len(captions)
             raise ValueError(
                 f"clip_score needs one caption per generated image: {images.shape[0]} images, {got} captions"
             )
+        finite = torch.isfinite(images).flatten(1).all(1)  # (B,); evaluation only, a host sync is fine here
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            self.num_fake_nonfinite += bad
+            log.warning("%d generated images have NaN/inf pixels: left out of the image metrics (%d so far)", bad,
+                        self.num_fake_nonfinite)
+            keep = finite.nonzero().flatten().tolist()
+            images = images[finite]
+            captions = [captions[i] for i in keep] if captions is not None else None
+            if not keep:
+                return
         if self.extractor is not None and any(m in self._metrics for m in INCEPTION_METRICS):
             pool, logits = self._features(to_eval_uint8(images.to(self.device), self.eval_size))
             for name in ("fid", "kid"):
@@ -403,7 +416,7 @@ class ImageMetrics:
                     # after reset(real=False) states exist before any update; our own checks report emptiness
                     warnings.filterwarnings("ignore", message=r".*called before the ``update``", category=UserWarning)
                     value = metric.compute()
-            except InsufficientSamplesError as err:
+            except (InsufficientSamplesError, torch.linalg.LinAlgError) as err:
                 self.unavailable[name] = f"{name} unavailable: {err}"
                 continue
             if isinstance(value, tuple):  # kid, is: (mean, std)
@@ -422,6 +435,7 @@ class ImageMetrics:
         if real:
             self.num_real = 0
         self.num_fake = 0
+        self.num_fake_nonfinite = 0
         self.unavailable = dict(self._static_unavailable)
 
     def metadata(self) -> dict[str, Any]:
@@ -436,6 +450,7 @@ class ImageMetrics:
         return {
             "num_real": self.num_real,
             "num_fake": self.num_fake,
+            "num_fake_nonfinite": self.num_fake_nonfinite,
             "settings": {
                 "metrics": list(self.names),
                 "eval_size": self.eval_size,
