@@ -19,6 +19,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from unclip.data.shapes import SIZES
 from unclip.eval.linear_probe import read_tar_samples
 
 
@@ -49,13 +50,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="glob of `shapes` shards (raw or embedded)")
     parser.add_argument("--out", required=True, help="folder for the new shards")
-    parser.add_argument("--objects", type=int, default=1, help="objects per kept scene")
-    parser.add_argument("--size", default=None, help="keep only scenes whose objects are all of this size")
+    parser.add_argument("--objects", type=int, default=1, choices=(1, 2), help="objects per kept scene")
+    parser.add_argument("--size", default=None, choices=sorted(SIZES),
+                        help="keep only scenes whose objects are all of this size")
     args = parser.parse_args(argv)
     paths = sorted(glob.glob(args.src))
     if not paths:
         raise SystemExit(f"no shards match {args.src!r}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file: give a folder for the new shards")
+    names = [Path(p).name for p in paths]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise SystemExit(f"shards of the same name in different folders ({clash[0]}, ...): each new shard takes its "
+                         "source's name, so match one folder per run")
+    if any(Path(p).resolve().parent == out.resolve() for p in paths):
+        raise SystemExit(f"--out {out} holds the source shards: the subset would overwrite them; give another folder")
     out.mkdir(parents=True, exist_ok=True)
     kept = read = 0
     for path in paths:

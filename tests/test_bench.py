@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -312,3 +313,13 @@ def test_shapes_subset_keeps_whole_samples_of_the_asked_scenes(tmp_path, capsys)
     assert f"kept {expected} of 60 samples in 2 shards" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no shards match"):
         shapes_subset.main(["--src", str(tmp_path / "none" / "*.tar"), "--out", str(tmp_path / "x")])
+    # nothing is overwritten: not the source shards, not a shard of the same name from another folder
+    before = {p: p.read_bytes() for p in (tmp_path / "data" / "train").glob("*.tar")}
+    with pytest.raises(SystemExit, match="would overwrite them"):
+        shapes_subset.main(["--src", src, "--out", str(tmp_path / "data" / "train"), "--size", "small"])
+    assert {p: p.read_bytes() for p in before} == before
+    shutil.copytree(tmp_path / "sub", tmp_path / "sub2")
+    with pytest.raises(SystemExit, match="same name"):
+        shapes_subset.main(["--src", str(tmp_path / "sub*" / "*.tar"), "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit):  # argparse: a size the generator does not draw
+        shapes_subset.main(["--src", src, "--out", str(tmp_path / "z"), "--size", "huge"])

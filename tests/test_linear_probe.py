@@ -129,3 +129,36 @@ def test_shards_that_are_not_embedded_shapes_are_refused(tmp_path):
         tar.addfile(info, io.BytesIO(b"cap"))
     with pytest.raises(FileNotFoundError, match="unclip.data.embed"):
         read_embedded_shapes(str(tmp_path / "plain.tar"))
+
+
+def test_shard_reading_matches_the_loader_and_names_bad_shards(tmp_path, capsys):
+    from unclip.eval.linear_probe import read_tar_samples
+
+    with tarfile.open(tmp_path / "dot.tar", "w") as tar:  # members as `tar -C dir -T list` writes them
+        for name, data in (("./000001.json", b"{}"), ("./000001.image_embed.npy", b"x"), ("a.b/000002.txt", b"c")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert read_tar_samples(str(tmp_path / "dot.tar")) == {"./000001": {"json": b"{}", "image_embed.npy": b"x"},
+                                                         "a.b/000002": {"txt": b"c"}}
+    write_shard(tmp_path / "train.tar", 60, seed=0)
+    data = (tmp_path / "train.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])  # inside a member's data
+    # inside the second sample's first header, where tarfile ends quietly
+    (tmp_path / "cuthead.tar").write_bytes(data[: 6 * tarfile.BLOCKSIZE + 3])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    for bad in ("cut.tar", "cuthead.tar", "empty.tar"):
+        with pytest.raises(ValueError, match=f"{bad}: not a readable tar shard"):
+            read_tar_samples(str(tmp_path / bad))
+    with pytest.raises(SystemExit, match="empty.tar: not a readable tar shard"):
+        main(["--train", str(tmp_path / "empty.tar"), "--test", str(tmp_path / "train.tar")])
+    # one class per attribute: an empty report is an error, not a header; no two-object scenes: a note
+    with tarfile.open(tmp_path / "one.tar", "w") as tar:
+        for i in range(20):
+            obj = {"shape": "circle", "colour": "red", "size": "large", "position": "center"}
+            add_sample(tar, i, {"background": "white", "objects": [obj]}, np.ones(16), np.ones(16))
+    with pytest.raises(SystemExit, match="nothing to probe"):
+        main(["--train", str(tmp_path / "one.tar"), "--test", str(tmp_path / "train.tar")])
+    main(["--train", str(tmp_path / "train.tar"), "--test", str(tmp_path / "train.tar"), "--two-objects"])
+    out = capsys.readouterr().out
+    assert "no two-object rows" in out and "shape" in out
