@@ -456,3 +456,9 @@ def test_mirror_twins_are_flipped_images_with_the_captions_that_describe_them():
     assert flips["h"] > 0 and flips["v"] > 0
     with pytest.raises(ValueError, match="mirror_twins"):
         ClipSystem(ClipEncoder(**tiny_cfg(), trainable=True), mirror_twins=0.7)
+    # one axis given as a word (a Hydra override `model.mirror_axes=vertical`) is that axis, not its letters
+    one = ClipSystem(ClipEncoder(**tiny_cfg(), trainable=True), mirror_twins=0.25, mirror_axes="vertical",
+                     no_vertical_words="star")
+    assert one.mirror_axes == ("vertical",) and one.no_vertical_words == {"star"}
+    with pytest.raises(ValueError, match=r"got \['sideways'\]"):
+        ClipSystem(ClipEncoder(**tiny_cfg(), trainable=True), mirror_axes="sideways")

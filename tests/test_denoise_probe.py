@@ -53,8 +53,13 @@ def test_probe_cli_on_a_trained_decoder(tiny_checkpoints, data_dir, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
               "--t", "1000"])
-    with pytest.raises(FileNotFoundError, match="no shards"):
+    with pytest.raises(SystemExit, match="denoise_probe: no shards"):
         main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(tmp_path / "none/*.tar")])
+    with pytest.raises(SystemExit):  # argparse: nothing to probe
+        main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
+              "--num", "0"])
+    with pytest.raises(SystemExit, match="denoise_probe: .*prior"):  # a prior checkpoint: refused in one line
+        main(["--ckpt", str(tiny_checkpoints["prior"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar")])
 
 
 def test_probe_cli_by_scene_groups_one_object_scenes_by_size(tiny_checkpoints, data_dir, capsys):
@@ -72,6 +77,6 @@ def test_probe_cli_by_scene_groups_one_object_scenes_by_size(tiny_checkpoints, d
 
 def test_probe_cli_clip_replaces_the_recorded_clip_and_is_checked(tiny_checkpoints, data_dir):
     """`--clip` reaches the pipeline: a CLIP other than the decoder's own is refused by its fingerprint check."""
-    with pytest.raises(ValueError, match="CLIP mismatch"):
+    with pytest.raises(SystemExit, match="CLIP mismatch"):
         main(["--ckpt", str(tiny_checkpoints["decoder"]), "--shards", str(data_dir / "shapes_tiny/val/*.tar"),
               "--t", "10", "--num", "4", "--clip", str(tiny_checkpoints["clip"])])

@@ -272,6 +272,8 @@ def test_text_encoder_is_bidirectional_masked_and_keeps_the_null_caption():
     assert UNet(**TINY_DECODER).text_encoder is not None and len(UNet(**TINY_DECODER).text_encoder) == 0
     with pytest.raises(ValueError, match="needs text_token_dim"):
         UNet(**{**TINY_DECODER, "text_token_dim": None}, text_encoder_layers=1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        UNet(**TINY_DECODER, text_encoder_layers=-1)
     net.train()
     run_unet(net, {**inputs, "text_drop_mask": torch.tensor([True, False, False])}).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.text_encoder.parameters())

@@ -56,3 +56,27 @@ def test_a_folder_without_logs_is_a_clear_error(tmp_path):
         plot_runs([tmp_path])
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         plot_runs([tmp_path / "missing"])
+    _write_run(tmp_path, "prior", [{"step": 1, "epoch": 0}])  # the CSV exists, no number logged yet
+    with pytest.raises(FileNotFoundError, match="no metrics logged yet"):
+        plot_runs([tmp_path / "prior"])
+    from unclip.plots import main
+
+    with pytest.raises(SystemExit, match="plots: no metrics logged yet"):  # one line on the command line
+        main([str(tmp_path / "prior")])
+
+
+def test_a_run_of_one_step_still_shows_its_loss(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    _write_run(tmp_path, "prior", [{"step": 1, "train/loss": 0.5}])
+    made = []
+    original = plt.subplots
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(plt, "subplots", spy)
+    plot_runs([tmp_path / "prior"], tmp_path / "plots")
+    line = made[0][1][0][0].get_lines()[-1]  # the loss figure's first panel, its smoothed line
+    assert line.get_marker() == "o" and list(line.get_xdata()) == [1]

@@ -127,6 +127,9 @@ def plot_runs(paths: Sequence[str | Path], out_dir: str | Path | None = None) ->
     out = Path(out_dir) if out_dir else Path(paths[0]) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     metrics = {run: read_metrics(run) for _, run in runs}
+    if not any(metrics.values()):
+        raise FileNotFoundError(f"no metrics logged yet in {', '.join(str(r) for _, r in runs)} "
+                                "(csv/version_*/metrics.csv has no numbers)")
     written = []
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
@@ -135,7 +138,8 @@ def plot_runs(paths: Sequence[str | Path], out_dir: str | Path | None = None) ->
         if "train/loss" in m:
             steps, values = zip(*m["train/loss"])
             ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.8)
-            ax.plot(steps, _smooth(list(values), max(1, len(values) // 20)), color="tab:blue", label="train/loss")
+            ax.plot(steps, _smooth(list(values), max(1, len(values) // 20)), color="tab:blue", label="train/loss",
+                    marker="o" if len(values) < 3 else None)  # a run of a step or two still shows its points
         if "val/loss" in m:
             steps, values = zip(*m["val/loss"])
             ax.plot(steps, values, "o-", color="tab:orange", label="val/loss")
@@ -175,7 +179,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run folders, or folders holding run folders")
     parser.add_argument("--out", default=None, help="output folder (default: <first run folder>/plots)")
     args = parser.parse_args(argv)
-    for path in plot_runs(args.runs, args.out):
+    try:
+        written = plot_runs(args.runs, args.out)
+    except OSError as err:  # no such folder, no logs, --out an existing file
+        raise SystemExit(f"plots: {err}") from None
+    for path in written:
         print(path)
 
 

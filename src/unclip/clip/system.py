@@ -100,7 +100,8 @@ class ClipSystem(StageSystem):
         self.swap_groups = {name: word_classes(group) for name, group in (plain(swap_negatives) or {}).items()}
         self.swap_exclude = [str(p) for p in plain(swap_exclude) or ()]
         self.replace_groups = {name: word_classes(group) for name, group in (plain(replace_negatives) or {}).items()}
-        mirror_axes, no_vertical_words = tuple(plain(mirror_axes)), tuple(plain(no_vertical_words))
+        mirror_axes, no_vertical_words = (tuple([v] if isinstance(v, str) else plain(v))  # one word: one entry
+                                          for v in (mirror_axes, no_vertical_words))
         if not 0.0 <= mirror_twins <= 0.5:
             raise ValueError(f"mirror_twins must be in [0, 0.5] (a twin needs an original), got {mirror_twins}")
         unknown = set(mirror_axes) - {"horizontal", "vertical"}

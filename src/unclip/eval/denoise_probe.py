@@ -130,15 +130,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
                              "rows get 'group'")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error(f"--num must be >= 1, got {args.num}")
 
+    from unclip.checkpoint import CheckpointError
     from unclip.clip.encoder import ClipEncoder
 
-    clip = ClipEncoder(checkpoint=args.clip) if args.clip else None
-    pipe = UnCLIPPipeline.from_checkpoints(decoder=args.ckpt, clip=clip, device="cpu", precision="fp32")
-    stage = pipe.decoder
-    if not all(0 <= t < stage.diffusion.num_timesteps for t in args.t):
-        parser.error(f"--t values must lie in [0, {stage.diffusion.num_timesteps})")
-    images, captions, metas = read_images(args.shards, stage.net.config["image_size"], args.num)
+    try:  # a wrong or missing checkpoint, unreadable shards: one line, as train.py / evaluate.py say it
+        clip = ClipEncoder(checkpoint=args.clip) if args.clip else None
+        pipe = UnCLIPPipeline.from_checkpoints(decoder=args.ckpt, clip=clip, device="cpu", precision="fp32")
+        stage = pipe.decoder
+        if not all(0 <= t < stage.diffusion.num_timesteps for t in args.t):
+            parser.error(f"--t values must lie in [0, {stage.diffusion.num_timesteps})")
+        images, captions, metas = read_images(args.shards, stage.net.config["image_size"], args.num)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"denoise_probe: {err}") from None
     text = pipe.clip.encode_text(captions) if stage.meta["system"].get("use_text") else None
     cond = pipe.decoder_cond(pipe.image_embeds(images), text)
     groups = {"all": list(range(len(images)))}

@@ -241,6 +241,9 @@ class UNet(nn.Module):
             if use_attention and num_image_tokens > 0:
                 self.image_token_proj = nn.Linear(image_embed_dim, num_image_tokens * context_dim)
         self.text_token_proj = nn.Linear(text_token_dim, context_dim) if text_token_dim is not None else None
+        if text_encoder_layers < 0:
+            raise ValueError(f"text_encoder_layers must be >= 0 (0: the caption tokens as given), got "
+                             f"{text_encoder_layers}")
         if text_encoder_layers and text_token_dim is None:
             raise ValueError("text_encoder_layers encodes the caption tokens: it needs text_token_dim")
         # GLIDE's text encoder, trained with the decoder (unCLIP section 2.1 concatenates its outputs with the
