@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unclip.data.shapes import SIZES
-from unclip.eval.linear_probe import read_tar_samples
+from unclip.data.shards import read_tar_samples
 
 
 def keep_sample(attributes: dict, objects: int, size: str | None) -> bool:

@@ -132,7 +132,7 @@ def test_shards_that_are_not_embedded_shapes_are_refused(tmp_path):
 
 
 def test_shard_reading_matches_the_loader_and_names_bad_shards(tmp_path, capsys):
-    from unclip.eval.linear_probe import read_tar_samples
+    from unclip.data.shards import read_tar_samples
 
     with tarfile.open(tmp_path / "dot.tar", "w") as tar:  # members as `tar -C dir -T list` writes them
         for name, data in (("./000001.json", b"{}"), ("./000001.image_embed.npy", b"x"), ("a.b/000002.txt", b"c")):

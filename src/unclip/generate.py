@@ -78,12 +78,13 @@ class SamplerConfig:
         mask ("text_drop_mask") last of several, cond_scale for the others and text_scale for the caption."""
         if self.text_scale is None:
             return self.cond_scale
-        if "text_drop_mask" not in drop_mask_names:
+        caption = DECODER_DROP[-1]  # "text_drop_mask"
+        if caption not in drop_mask_names:
             raise ValueError(f"text_scale guides the caption, but this stage samples without one (its guidance drops "
                              f"{list(drop_mask_names)}): unset text_scale")
         if len(drop_mask_names) < 2:
             return self.text_scale
-        if drop_mask_names[-1] != "text_drop_mask":
+        if drop_mask_names[-1] != caption:
             raise ValueError(f"text_scale guides the caption given the other conditions: its mask must come last, "
                              f"got {list(drop_mask_names)}")
         return [self.cond_scale] * (len(drop_mask_names) - 1) + [self.text_scale]

@@ -5,12 +5,16 @@ A specification is a string or a list of strings, each one of:
     "data/train-*.tar"                 local glob (sorted)
     "pipe:aws s3 cp s3://b/{0..9}.tar -"  a shell command whose stdout is a tar
     "https://host/{000..009}.tar"      any URL scheme webdataset's gopen knows
+
+`read_tar_samples` reads one local shard whole, for the offline tools (probes, subsets) that need every
+sample of a few shards rather than a stream.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import tarfile
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
@@ -64,3 +68,28 @@ def _resolve(url: str, pattern: str) -> list[str]:
     if not os.path.isfile(path):
         raise ValueError(f"shard pattern {pattern!r}: local shard {path} does not exist")
     return [path]
+
+
+def read_tar_samples(path: str) -> dict[str, dict[str, bytes]]:
+    """{key: {extension: bytes}} of every file in one WebDataset tar shard, keys split from extensions as the
+    training loader splits them (webdataset's `base_plus_ext`: the first dot of the file name, so "./0001.jpg"
+    and "a.b/0001.jpg" are read too). Raises ValueError naming the shard when it is not a readable tar
+    (empty, truncated)."""
+    from webdataset.tariterators import base_plus_ext
+
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                if key is not None:
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            end = tar.offset  # where tarfile stopped: a whole archive ends in a zero block there
+        with open(path, "rb") as f:
+            f.seek(end)
+            block = f.read(tarfile.BLOCKSIZE)
+        if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):  # tarfile ends quietly on a cut header
+            raise tarfile.ReadError(f"truncated after {len(samples)} samples")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ValueError(f"{path}: not a readable tar shard ({err})") from err
+    return samples

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unclip.data.shards import read_tar_samples
 from unclip.data.transforms import ImageTransform
 from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.sampling import mean_output
-from unclip.eval.linear_probe import read_tar_samples
 from unclip.eval.shapes_eval import ShapesEval
 
 DEFAULT_TIMESTEPS: tuple[int, ...] = (20, 100, 200, 300, 400, 500, 600, 800)

@@ -23,7 +23,6 @@ import argparse
 import glob
 import io
 import json
-import tarfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -31,35 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from unclip.data.shapes import HORIZONTAL_RELATIONS
+from unclip.data.shards import read_tar_samples
 
 PROBED: tuple[str, ...] = ("shape", "colour", "position", "size", "background")
 PAIR_PROBED: tuple[str, ...] = ("colour@left", "colour@top", "shape@left", "shape@top")
 EMBEDDINGS: tuple[str, ...] = ("image_embed", "text_embed")
-
-
-def read_tar_samples(path: str) -> dict[str, dict[str, bytes]]:
-    """{key: {extension: bytes}} of every file in one WebDataset tar shard, keys split from extensions as the
-    training loader splits them (webdataset's `base_plus_ext`: the first dot of the file name, so "./0001.jpg"
-    and "a.b/0001.jpg" are read too). Raises ValueError naming the shard when it is not a readable tar
-    (empty, truncated)."""
-    from webdataset.tariterators import base_plus_ext
-
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                if key is not None:
-                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-            end = tar.offset  # where tarfile stopped: a whole archive ends in a zero block there
-        with open(path, "rb") as f:
-            f.seek(end)
-            block = f.read(tarfile.BLOCKSIZE)
-        if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):  # tarfile ends quietly on a cut header
-            raise tarfile.ReadError(f"truncated after {len(samples)} samples")
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a readable tar shard ({err})") from err
-    return samples
 
 
 def _embedded_scenes(pattern: str) -> Iterator[tuple[dict[str, np.ndarray], dict]]:
